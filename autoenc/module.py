@@ -1,0 +1,185 @@
+"""AutoencoderModule: x ─corrupt→ x̃ ─encode→ z ─decode→ x̂; loss = recon(x̂, x) + penalty."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autoenc.penalties import Penalty, Sparsity
+
+
+@dataclass
+class Latent:
+    """The encoder's output: the code z and, for a Gaussian posterior, its mean and log-variance."""
+
+    z: torch.Tensor
+    mean: torch.Tensor | None = None
+    logvar: torch.Tensor | None = None
+
+    @property
+    def code(self) -> torch.Tensor:
+        """The deterministic code: the posterior mean where there is one."""
+        return self.z if self.mean is None else self.mean
+
+
+class Bernoulli(nn.Module):
+    """p(x|z) = Bernoulli(sigmoid(logits)); also the usual BCE loss for [0, 1] pixels."""
+
+    def __init__(self, sigma: float | None = None):
+        super().__init__()
+
+    def nll(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """−log p(x|z) per example, summed over pixels (nats)."""
+        return F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
+
+    def mean(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits)
+
+
+class Gaussian(Bernoulli):
+    """p(x|z) = N(sigmoid(logits), σ²); σ fixed by `sigma`, or learned (one scalar) when None."""
+
+    def __init__(self, sigma: float | None = None):
+        super().__init__()
+        log_sigma = torch.tensor(math.log(sigma) if sigma else 0.0)
+        self.log_sigma = nn.Parameter(log_sigma) if sigma is None else None
+        if sigma is not None:
+            self.register_buffer("fixed_log_sigma", log_sigma)
+
+    def nll(self, logits, x):
+        log_sigma = self.log_sigma if self.log_sigma is not None else self.fixed_log_sigma
+        z2 = ((x - torch.sigmoid(logits)) * torch.exp(-log_sigma)) ** 2
+        return (0.5 * z2 + log_sigma + 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
+
+
+LIKELIHOODS = {"bernoulli": Bernoulli, "gaussian": Gaussian}
+STAGES = ("train", "val", "test")
+
+
+class AutoencoderModule(pl.LightningModule):
+    """The one pipeline for every family; noise, penalty and bottleneck are its seams."""
+
+    head_mult = 1  # encoder head width = latent_dim · head_mult (2 for a Gaussian posterior)
+
+    def __init__(self, net, shape, latent_dim: int = 16, likelihood: str = "bernoulli",
+                 sigma: float | None = None, noise=None, penalty: Penalty | None = None,
+                 optimizer=None, scheduler=None, noise_seed: int = 1234, **_):
+        super().__init__()
+        self.shape, self.latent_dim = tuple(shape), latent_dim
+        self.encoder, self.decoder = net(shape=self.shape, latent_dim=latent_dim, head_mult=self.head_mult)
+        self.likelihood = LIKELIHOODS[likelihood](sigma)
+        self.noise, self.penalty = noise, penalty or Penalty()
+        self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-3)
+        self.scheduler_factory = scheduler
+        self.noise_seed = noise_seed
+        self.run_config: dict | None = None  # the resolved run config, stored in checkpoints
+        self._generators: dict[str, torch.Generator] = {}
+        self._stats: dict[str, torch.Tensor] = {}
+        self.epoch_figures: dict[str, torch.Tensor] = {}
+
+    # ---- the pipeline -------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> Latent:
+        return Latent(self.penalty.code(self.encoder(x)))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Logits; the likelihood owns the output activation."""
+        return self.decoder(z)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction in [0, 1] from the deterministic code."""
+        return self.likelihood.mean(self.decode(self.encode(x).code))
+
+    def corrupt(self, x: torch.Tensor, stage: str = "train") -> torch.Tensor:
+        if self.noise is None:
+            return x
+        g = self._generators.get(stage)
+        if g is None or g.device != x.device:
+            # Training noise follows the run's seed; val/test noise restarts from a fixed seed each
+            # epoch so that their curves compare like with like.
+            seed = torch.randint(2**62, ()).item() if stage == "train" else self.noise_seed
+            g = self._generators[stage] = torch.Generator(device=x.device).manual_seed(seed)
+        return self.noise(x, g)
+
+    def loss_terms(self, x: torch.Tensor, x_tilde: torch.Tensor):
+        """Loss and its parts (per-example means); the reconstruction target is the clean x."""
+        latent = self.encode(x_tilde)
+        logits = self.decode(latent.z)
+        recon = self.likelihood.nll(logits, x).mean()
+        penalty, stats = self.penalty(latent.z, x_tilde, self.encoder)
+        return {"loss": recon + penalty, "recon": recon, "penalty": penalty, **stats}, latent, logits
+
+    def _shared_step(self, batch, stage: str):
+        x, _ = batch
+        terms, latent, logits = self.loss_terms(x, self.corrupt(x, stage))
+        if stage != "train":
+            if latent.mean is not None:
+                logits = self.decode(latent.mean)
+            self._accumulate(latent)
+        terms["mse"] = F.mse_loss(self.likelihood.mean(logits.detach()), x)
+        for k, v in terms.items():
+            self.log(f"{stage}/{k}", v.detach(), on_step=stage == "train", on_epoch=True,
+                     batch_size=len(x), sync_dist=stage != "train", prog_bar=k == "loss")
+        return {"loss": terms["loss"], "z": latent.z.detach()}
+
+    def training_step(self, batch, batch_idx):
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        return self._shared_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        return self._shared_step(batch, "test")
+
+    # ---- whole-split latent statistics (dead units, active units) ---------------------------
+    def _accumulate(self, latent: Latent) -> None:
+        code = latent.code.detach().float()
+        parts = {"n": torch.tensor(float(len(code)), device=code.device), "sum": code.sum(0),
+                 "sq": code.pow(2).sum(0)}
+        if isinstance(self.penalty, Sparsity):
+            parts["active"] = self.penalty.active(latent.z).float().sum(0)
+        for k, v in parts.items():
+            self._stats[k] = self._stats[k] + v if k in self._stats else v
+
+    def split_figures(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Figures over a whole split from summed latent statistics."""
+        if "active" not in stats:
+            return {}
+        freq = stats["active"] / stats["n"]
+        return {"dead_fraction": (freq == 0).float().mean(), "activation_frequency": freq}
+
+    def _end_epoch(self, stage: str) -> None:
+        stats = {k: self.trainer.strategy.reduce(v, reduce_op="sum") for k, v in self._stats.items()}
+        self._stats = {}
+        if not stats or self.trainer.sanity_checking:
+            return
+        self.epoch_figures = self.split_figures(stats)
+        self.log_dict({f"{stage}/{k}": v for k, v in self.epoch_figures.items() if v.dim() == 0})
+
+    def on_validation_epoch_start(self):
+        self._stats, _ = {}, self._generators.pop("val", None)
+
+    def on_test_epoch_start(self):
+        self._stats, _ = {}, self._generators.pop("test", None)
+
+    def on_validation_epoch_end(self):
+        self._end_epoch("val")
+
+    def on_test_epoch_end(self):
+        self._end_epoch("test")
+
+    # ---- optimisation and checkpoints ---------------------------------------------------
+    def configure_optimizers(self):
+        opt = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "name": "train/lr"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.run_config is not None:
+            checkpoint["autoenc_config"] = self.run_config

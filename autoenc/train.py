@@ -1,0 +1,87 @@
+"""`train(cfg)`: compose → instantiate → fit → test → results.json; importable without the CLI."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("autoenc")
+
+
+def quiet_lightning() -> None:
+    """Silences start-up chatter that says nothing a user can act on."""
+    for pattern in (".*does not have many workers.*", ".*LeafSpec.*", ".*is deprecated.*",
+                    ".*Checkpoint directory .* exists and is not empty.*",
+                    ".*The number of training batches .* is smaller than the logging interval.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Writes JSON atomically (temp file + rename), so a crash never leaves half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def build(cfg: DictConfig):
+    """The data module and the model a config describes (the model built from the data's shape)."""
+    from hydra.utils import instantiate
+
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model, net=instantiate(cfg.net), shape=datamodule.shape,
+                        noise=instantiate(cfg.noise) if cfg.noise else None,
+                        penalty=instantiate(cfg.penalty) if cfg.penalty else None)
+    return datamodule, model
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Trains, tests the best checkpoint, writes results.json, and returns the test metrics."""
+    import lightning.pytorch as pl
+    from hydra.utils import instantiate
+
+    quiet_lightning()
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule, model = build(cfg)
+    model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
+    loggers = [instantiate(c) for c in cfg.logger.values() if c] if cfg.logger else False
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+    results = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/") and v.numel() == 1}
+    if trainer.is_global_zero:
+        write_json(out / "results.json", results)
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        for lg in trainer.loggers:
+            if isinstance(lg, TensorBoardLogger):
+                lg.log_hyperparams(hparams_of(cfg), metrics=results)
+        print(f"run directory: {out.resolve()}")
+        print(json.dumps(results, indent=2, sort_keys=True))
+    return results
+
+
+def hparams_of(cfg: DictConfig) -> dict:
+    """The choices and numbers that tell runs apart, flattened for TensorBoard's HParams view."""
+    from hydra.core.hydra_config import HydraConfig
+
+    flat = {}
+    if HydraConfig.initialized():
+        flat.update({f"choice/{k}": str(v) for k, v in HydraConfig.get().runtime.choices.items()
+                     if not k.startswith("hydra") and v is not None})
+    for group in ("model", "net", "data", "noise", "penalty"):
+        node = OmegaConf.to_container(cfg[group], resolve=True) if cfg.get(group) else {}
+        for k, v in (node or {}).items():
+            if isinstance(v, (int, float, str, bool)) and not k.startswith("_"):
+                flat[f"{group}.{k}"] = v
+    return flat
