@@ -1,0 +1,86 @@
+"""End-to-end tests of `autoenc train` on the embedded digits: files, tags, metrics, resume, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import autoenc, tb_tags, train_run
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run") / "ae"
+    results = train_run(run_dir, "trainer.max_epochs=2", "trainer.limit_train_batches=4",
+                        "trainer.limit_val_batches=1.0", "trainer.limit_test_batches=1.0",
+                        "trainer.log_every_n_steps=2")
+    return run_dir, results
+
+
+def test_run_directory_holds_config_checkpoints_events_results_pictures(run):
+    run_dir, results = run
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert {p.name for p in (run_dir / "checkpoints").iterdir()} >= {"best.ckpt", "last.ckpt"}
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    assert (run_dir / "reconstructions.png").stat().st_size > 0
+    assert {"test/loss", "test/mse"} <= results.keys()
+
+
+def test_tensorboard_has_curves_learning_rate_and_reconstruction_grid(run):
+    tags = tb_tags(run[0])
+    assert {"train/loss_step", "train/loss_epoch", "val/loss", "val/mse", "train/lr"} <= tags["scalars"]
+    assert "val/reconstructions" in tags["images"]
+
+
+def test_test_mse_equals_recomputation_from_the_best_checkpoint(run):
+    run_dir, results = run
+    from autoenc.train import build
+
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    cfg.paths.output_dir = str(run_dir)
+    datamodule, model = build(cfg)
+    ckpt = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    model.load_state_dict(ckpt["state_dict"])
+    x, _ = datamodule.splits["test"]
+    with torch.no_grad():
+        x_hat = torch.sigmoid(model.decoder(model.encoder(x)))
+    assert results["test/mse"] == pytest.approx(((x_hat - x) ** 2).mean().item(), rel=1e-4)
+    assert 0 < results["test/mse"] < 0.25
+
+
+def test_resume_continues_from_the_saved_epoch(run, tmp_path):
+    run_dir, _ = run
+    first = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert first["epoch"] == 1
+    resumed = tmp_path / "resumed"
+    train_run(resumed, f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "trainer.max_epochs=3",
+              "trainer.limit_train_batches=4", "trainer.limit_val_batches=1.0")
+    last = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 2
+    assert last["global_step"] == first["global_step"] + 4  # one more epoch of 4 batches, not three
+
+
+def test_missing_data_root_is_one_line_error(tmp_path):
+    proc = autoenc("train", f"hydra.run.dir={tmp_path}", "data=mnist", f"data.root={tmp_path / 'nowhere'}",
+                   check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert "train-images-idx3-ubyte" in lines[0] and "AUTOENC_DATA_DIR" in lines[0]
+
+
+def test_help_lists_groups_and_cfg_prints_the_config():
+    out = autoenc("train", "--help").stdout
+    for group in ("model:", "net:", "data:", "noise:", "penalty:", "trainer:", "logger:"):
+        assert group in out
+    assert "vae" in out and "fashion_mnist" in out and "ddp" in out
+    cfg = autoenc("train", "model=vae", "model.latent_dim=7", "--cfg", "job").stdout
+    assert "autoenc.vae.VAEModule" in cfg and "latent_dim: 7" in cfg
+
+
+def test_unknown_command_is_one_line_error():
+    proc = autoenc("trian", check=False)
+    assert proc.returncode == 2 and "choose one of: train" in proc.stderr

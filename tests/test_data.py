@@ -1,0 +1,74 @@
+"""Data modules: the real IDX files, folders of images, and rank sharding of in-memory batches."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+import torch
+
+from autoenc.data import IDX, Digits, ImageFolder, TensorBatches, read_idx
+from autoenc.errors import UserError
+
+
+def test_mnist_test_set_reads_from_gz_with_shape_count_and_range(shared_data):
+    x = torch.from_numpy(read_idx(shared_data / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz").copy())
+    y = read_idx(shared_data / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz")
+    assert x.shape == (10000, 28, 28) and x.dtype == torch.uint8 and y.shape == (10000,)
+    assert int(x.max()) == 255 and int(x.min()) == 0 and set(np.unique(y)) == set(range(10))
+
+
+def test_mnist_without_training_images_names_the_missing_file(shared_data):
+    with pytest.raises(UserError, match=r"missing .*MNIST/raw/train-images-idx3-ubyte\(\.gz\)"):
+        IDX(root=str(shared_data), name="MNIST").shape
+
+
+def test_fashion_mnist_splits_and_batches_are_unit_floats(shared_data):
+    dm = IDX(root=str(shared_data), name="FashionMNIST", val_fraction=5000 / 60000)
+    sizes = {k: len(v[0]) for k, v in dm.splits.items()}
+    assert sizes == {"train": 55000, "val": 5000, "test": 10000} and dm.shape == (1, 28, 28)
+    x, y = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())))
+    assert x.dtype == torch.float32 and x.shape == (128, 1, 28, 28) and 0 <= x.min() and x.max() <= 1
+    assert x.max() == 1.0 and y.dtype == torch.int64
+
+
+def test_truncated_idx_file_is_refused(tmp_path, shared_data):
+    data = gzip.open(shared_data / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz").read()
+    bad = tmp_path / "t10k-labels-idx1-ubyte"
+    bad.write_bytes(data[:-10])
+    with pytest.raises(UserError, match="truncated"):
+        read_idx(bad)
+
+
+def test_digits_are_embedded_with_fixed_test_split():
+    dm = Digits(val_fraction=0.1)
+    assert dm.shape == (1, 8, 8)
+    assert sum(len(v[0]) for v in dm.splits.values()) == 1797
+    assert torch.equal(dm.splits["test"][0], Digits(val_fraction=0.3, seed=5).splits["test"][0])
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_rank_shards_are_disjoint_and_equal(world):
+    x = torch.arange(100).view(100, 1, 1, 1)
+    seen = [torch.cat([b[0].flatten() for b in TensorBatches(x, x, 16, True, 0, lambda: 3, r, world)])
+            for r in range(world)]
+    assert all(len(s) == 100 // world for s in seen)
+    allseen = torch.cat(seen)
+    assert len(allseen.unique()) == len(allseen)
+
+
+def test_image_folder_resizes_any_size_and_labels_by_subfolder(tmp_path):
+    from PIL import Image
+
+    for i, (cls, size) in enumerate([("a", (20, 30)), ("a", (64, 64)), ("b", (7, 9)), ("b", (40, 12))] * 3):
+        (tmp_path / cls).mkdir(exist_ok=True)
+        Image.fromarray(np.full(size[::-1] + (3,), 40 * i % 255, np.uint8)).save(tmp_path / cls / f"{i}.png")
+    dm = ImageFolder(path=str(tmp_path), size=16, channels=3, test_fraction=0.25, val_fraction=0.0)
+    assert dm.shape == (3, 16, 16) and len(dm.splits["test"][0]) == 3
+    assert set(torch.cat([dm.splits["train"][1], dm.splits["test"][1]]).tolist()) == {0, 1}
+
+
+def test_empty_image_folder_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="no images"):
+        ImageFolder(path=str(tmp_path)).shape
