@@ -58,6 +58,14 @@ class Gaussian(Bernoulli):
         return (0.5 * z2 + log_sigma + 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
 
 
+def psnr(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Mean per-image PSNR, 10·log10(1/MSE) dB on [0, 1] pixels (capped at 100 dB)."""
+    # Per image, not per set: logged with batch_size weights, the epoch value is the split's mean
+    # per-image PSNR whatever the batching (the figure denoising papers report).
+    mse = (x_hat - x).flatten(1).pow(2).mean(1)
+    return (-10 * torch.log10(mse.clamp_min(1e-10))).mean()
+
+
 LIKELIHOODS = {"bernoulli": Bernoulli, "gaussian": Gaussian}
 STAGES = ("train", "val", "test")
 
@@ -116,12 +124,16 @@ class AutoencoderModule(pl.LightningModule):
 
     def _shared_step(self, batch, stage: str):
         x, _ = batch
-        terms, latent, logits = self.loss_terms(x, self.corrupt(x, stage))
+        x_tilde = self.corrupt(x, stage)
+        terms, latent, logits = self.loss_terms(x, x_tilde)
         if stage != "train":
             if latent.mean is not None:
                 logits = self.decode(latent.mean)
             self._accumulate(latent)
-        terms["mse"] = F.mse_loss(self.likelihood.mean(logits.detach()), x)
+        x_hat = self.likelihood.mean(logits.detach())
+        terms["mse"] = F.mse_loss(x_hat, x)
+        if self.noise is not None and stage != "train":
+            terms |= {"psnr_noisy": psnr(x_tilde, x), "psnr_denoised": psnr(x_hat, x)}
         for k, v in terms.items():
             self.log(f"{stage}/{k}", v.detach(), on_step=stage == "train", on_epoch=True,
                      batch_size=len(x), sync_dist=stage != "train", prog_bar=k == "loss")
