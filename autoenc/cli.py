@@ -31,21 +31,31 @@ Each command is a Hydra app: `autoenc <command> --help` lists its config groups 
 
 
 def _fail(message: str) -> None:
-    print(f"autoenc: error: {message}", file=sys.stderr)
+    print(f"autoenc: error: {' '.join(str(message).split())}", file=sys.stderr)
     sys.exit(2)
+
+
+def _full_error() -> bool:
+    """Whether the user asked for tracebacks (HYDRA_FULL_ERROR=1 set before autoenc started)."""
+    return os.environ.get("AUTOENC_USER_FULL_ERROR", os.environ.get("HYDRA_FULL_ERROR")) == "1"
 
 
 def _task(command: str):
     """The function Hydra runs for `command`: user mistakes become one line and exit code 2."""
 
     def task(cfg):
+        from hydra.errors import InstantiationException
+        from omegaconf.errors import OmegaConfBaseException
+
         from autoenc.errors import UserError
+        from autoenc.schema import validate
 
         module, function = COMMANDS[command][1].split(":")
         try:
+            validate(cfg)
             return _objective(cfg, getattr(importlib.import_module(module), function)(cfg))
-        except UserError as e:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        except (UserError, InstantiationException, OmegaConfBaseException) as e:
+            if _full_error():
                 raise
             _fail(str(e))
 
@@ -69,9 +79,21 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"unknown command {command!r}; choose one of: {', '.join(COMMANDS)}")
     import hydra
 
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     config_name = COMMANDS[command][0]
     sys.argv = [f"autoenc {command}", *rest]
-    hydra.main(version_base="1.3", config_path=str(CONFIGS), config_name=config_name)(_task(command))()
+    # Hydra then raises composition errors (unknown option or key, bad override) to us, and we
+    # print them as one line; the user's own HYDRA_FULL_ERROR=1 still gets the traceback.
+    os.environ.setdefault("AUTOENC_USER_FULL_ERROR", os.environ.get("HYDRA_FULL_ERROR", "0"))
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        hydra.main(version_base="1.3", config_path=str(CONFIGS), config_name=config_name)(_task(command))()
+    except (HydraException, OmegaConfBaseException) as e:
+        if _full_error():
+            raise
+        _fail(f"{str(e).split('Config search path')[0]} (see `autoenc {command} --help`)")
 
 
 if __name__ == "__main__":
