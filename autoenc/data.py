@@ -22,22 +22,26 @@ class TensorBatches:
                  rank: int = 0, world: int = 1):
         self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
         self.seed, self.epoch, self.rank, self.world = seed, epoch, rank, world
-        # Every rank gets the same number of examples (the remainder is dropped, never repeated),
-        # so no example is seen twice per epoch and DDP ranks stay in step.
-        self.per_rank = len(x) // world
 
     def __len__(self) -> int:
-        return -(-self.per_rank // self.batch_size)
+        step = self.batch_size * self.world
+        return len(self.x) // step + (len(self.x) % step >= self.world)
 
     def __iter__(self):
+        # Every rank draws the same permutation and takes its equal share of each global batch of
+        # batch_size · world examples, so the global batches are those of one process with batch
+        # size batch_size · world, and DDP's mean of the ranks' gradients is the global batch's
+        # gradient. Up to world − 1 examples at the end are dropped, never repeated.
         n = len(self.x)
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self.epoch())
             order = torch.randperm(n, generator=g)
         else:
             order = torch.arange(n)
-        order = order[self.rank * self.per_rank:(self.rank + 1) * self.per_rank].to(self.x.device)
-        for idx in order.split(self.batch_size):
+        order, step = order.to(self.x.device), self.batch_size * self.world
+        for k in range(len(self)):
+            chunk = order[k * step:(k + 1) * step]
+            idx = chunk[:len(chunk) - len(chunk) % self.world].view(self.world, -1)[self.rank]
             yield self.x[idx], self.y[idx]
 
 
