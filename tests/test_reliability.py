@@ -1,0 +1,169 @@
+"""Reliability: one-line errors for user mistakes, safe checkpoints, interruption and resume."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import FAST, ROOT, autoenc, train_run
+
+
+def one_line_error(proc) -> str:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["model=foo"], "Available options in 'model': ae contractive denoising sparse vae"),
+    (["model.latnet_dim=3"], "Could not override 'model.latnet_dim'"),
+    (["model.latent_dim=0"], "model.latent_dim=0 is invalid: it must be a positive integer"),
+    (["noise=masking", "noise.p=1.5"], "noise.p=1.5 is invalid: it must be a fraction in [0, 1]"),
+    (["model=vae", "model.beta=-1"], "model.beta=-1 is invalid"),
+    (["penalty=topk", "penalty.k=99"], "penalty.k=99 is invalid: it must be an integer from 1 to model.latent_dim"),
+    (["data.batch_size=0"], "data.batch_size=0 is invalid"),
+    (["data=folder"], "Missing mandatory value: data.path"),
+    (["ckpt_path=/no/such.ckpt"], "checkpoint /no/such.ckpt does not exist"),
+])
+def test_bad_input_gets_one_line_and_exit_2(tmp_path, overrides, expected):
+    line = one_line_error(autoenc("train", f"hydra.run.dir={tmp_path}", *overrides, check=False))
+    assert expected in line
+
+
+def test_hydra_full_error_still_shows_the_traceback(tmp_path):
+    proc = autoenc("train", f"hydra.run.dir={tmp_path}", "model.latent_dim=0", check=False,
+                   env={"HYDRA_FULL_ERROR": "1"})
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_empty_image_folder(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    line = one_line_error(autoenc("train", f"hydra.run.dir={tmp_path}", "data=folder",
+                                  f"data.path={tmp_path / 'imgs'}", check=False))
+    assert "no images" in line
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("rel") / "run"
+    return run_dir, train_run(run_dir)
+
+
+class Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_crafted_to_run_code_is_refused(tmp_path, trained):
+    marker, evil = tmp_path / "pwned", tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "x": Evil(marker)}, evil)
+    line = one_line_error(autoenc("train", f"hydra.run.dir={tmp_path / 'r'}", f"ckpt_path={evil}", check=False))
+    assert "refused to load" in line and not marker.exists()
+
+
+@pytest.mark.parametrize("content, expected", [
+    (lambda good: good[: len(good) // 2], "truncated or not a checkpoint"),
+    (lambda good: b"hello, not a checkpoint", "truncated or not a checkpoint"),
+])
+def test_truncated_or_foreign_checkpoint(tmp_path, trained, content, expected):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(content((trained[0] / "checkpoints" / "last.ckpt").read_bytes()))
+    line = one_line_error(autoenc("train", f"hydra.run.dir={tmp_path / 'r'}", f"ckpt_path={bad}", check=False))
+    assert expected in line
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path, trained):
+    ckpt = trained[0] / "checkpoints" / "last.ckpt"
+    line = one_line_error(autoenc("train", f"hydra.run.dir={tmp_path}", f"ckpt_path={ckpt}", "model.latent_dim=3",
+                                  check=False))
+    assert "is from a different model" in line
+
+
+def test_non_finite_loss_stops_with_the_step(tmp_path):
+    line = one_line_error(autoenc("train", f"hydra.run.dir={tmp_path}", *FAST, "model.optimizer._target_=torch.optim.SGD",
+                                  "model.optimizer.lr=1e30", check=False))
+    assert "the training loss became nan at step" in line or "the training loss became inf at step" in line
+
+
+def test_same_seed_same_results(tmp_path, trained):
+    again = train_run(tmp_path / "again")
+    assert again == trained[1]
+
+
+def _start(run_dir, *overrides):
+    return subprocess.Popen([sys.executable, "-m", "autoenc", "train", f"hydra.run.dir={run_dir}",
+                             "trainer.enable_progress_bar=false", "data.batch_size=16", *overrides],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(path, proc, timeout=120):
+    start = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() - start < timeout
+        time.sleep(0.05)
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
+    args = ["trainer.max_epochs=3", "model=denoising", "data.batch_size=16", "trainer.enable_progress_bar=false"]
+    full = train_run(tmp_path / "full", *args, fast=False)
+    proc = _start(tmp_path / "killed", *args)
+    _wait_for(tmp_path / "killed" / "checkpoints" / "last.ckpt", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = train_run(tmp_path / "resumed", *args, f"ckpt_path={tmp_path / 'killed' / 'checkpoints' / 'last.ckpt'}",
+                        fast=False)
+    a, b = (torch.load(tmp_path / d / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+            for d in ("full", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed == full
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    proc = _start(tmp_path, "trainer.max_epochs=1000")
+    _wait_for(tmp_path / "checkpoints" / "last.ckpt", proc)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert "Traceback" not in out and "interrupted at step" in out
+    step = int(out.split("interrupted at step ")[1].split(";")[0])
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == step > 0
+
+
+def test_results_are_written_atomically(tmp_path, monkeypatch):
+    from autoenc import train
+
+    path = tmp_path / "results.json"
+    train.write_json(path, {"a": 1})
+    monkeypatch.setattr(train.json, "dumps", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    with pytest.raises(OSError):
+        train.write_json(path, {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 1}
+
+
+def test_full_disk_is_one_line(monkeypatch, capsys):
+    from autoenc import cli
+
+    monkeypatch.setitem(cli.COMMANDS, "train", ("train", "tests_full_disk:boom", ""))
+    monkeypatch.setitem(sys.modules, "tests_full_disk",
+                        type(sys)("tests_full_disk"))
+    sys.modules["tests_full_disk"].boom = lambda cfg: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device", "/x/last.ckpt"))
+    with pytest.raises(SystemExit) as exit_:
+        cli._task("train")({})
+    assert exit_.value.code == 2
+    assert "no space left on device writing /x/last.ckpt" in capsys.readouterr().err
