@@ -72,3 +72,9 @@ def test_image_folder_resizes_any_size_and_labels_by_subfolder(tmp_path):
 def test_empty_image_folder_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no images"):
         ImageFolder(path=str(tmp_path)).shape
+
+
+def test_unreadable_image_is_a_user_error(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match="cannot read image .*broken.png"):
+        ImageFolder(path=str(tmp_path)).shape
