@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 from pathlib import Path
 
+from hydra.experimental.callback import Callback
+
+_ARGV0 = sys.argv[0]  # the program as started (the `autoenc` script or autoenc/__main__.py)
 _PKG = Path(__file__).resolve().parent
 # Installed wheel: autoenc/configs; checkout (editable install): ../configs.
 CONFIGS = next(p for p in (_PKG / "configs", _PKG.parent / "configs") if p.is_dir())
@@ -51,21 +55,92 @@ def _task(command: str):
         from autoenc.schema import validate
 
         module, function = COMMANDS[command][1].split(":")
+        _relaunchable(command)
         try:
             validate(cfg)
             return _objective(cfg, getattr(importlib.import_module(module), function)(cfg))
         except (UserError, InstantiationException, OmegaConfBaseException) as e:
             if _full_error():
                 raise
+            if _in_sweep():
+                return _job_failed(e)
             _fail(str(e))
 
     return task
 
 
+def _in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _job_failed(error: Exception) -> float:
+    """A sweep's failed job: its error goes to the log and <job dir>/error.txt; the sweep goes on."""
+    import logging
+
+    from hydra.core.hydra_config import HydraConfig
+
+    out = Path(HydraConfig.get().runtime.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    message = " ".join(str(error).split())
+    (out / "error.txt").write_text(message + "\n")
+    logging.getLogger("autoenc").error(f"job {HydraConfig.get().job.num} failed: {message} ({out / 'error.txt'})")
+    return float("nan")  # what an Optuna search records as a failed trial
+
+
+def _relaunchable(command: str) -> None:
+    """Lets Lightning's DDP launcher, which re-runs `sys.argv` with `hydra.run.dir=<hydra.run.dir>`
+    for each further rank, start this same job: `autoenc <command> <its overrides>` in its directory."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import read_write
+
+    hydra_cfg = HydraConfig.get()
+    sys.argv = [_ARGV0, command, *hydra_cfg.overrides.task]
+    with read_write(hydra_cfg.run):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+
+
+class SweepSummary(Callback):
+    """After `-m`: one line per job (its optimized metric, or its error) and the search's best trial."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        from omegaconf import OmegaConf
+
+        root, name = Path(config.hydra.sweep.dir), config.get("optimized_metric")
+        jobs = sorted((p for p in root.glob("*") if p.name.isdigit()), key=lambda p: int(p.name))
+        saved = [job / ".hydra" / "overrides.yaml" for job in jobs]
+        overrides = [list(OmegaConf.load(f)) if f.is_file() else [] for f in saved]
+        common = set.intersection(*map(set, overrides)) if overrides else set()  # not repeated per job
+        lines = [f"sweep summary ({root}):"]
+        for job, own in zip(jobs, overrides):
+            if (job / "error.txt").is_file():
+                outcome = "FAILED: " + (job / "error.txt").read_text().strip()
+            elif (job / "results.json").is_file():
+                outcome = f"{name}={json.loads((job / 'results.json').read_text()).get(name)}"
+            else:
+                outcome = "no results.json"
+            lines.append(f"  #{job.name} {' '.join(o for o in own if o not in common)}: {outcome}")
+        best = root / "optimization_results.yaml"
+        if best.is_file():
+            found = OmegaConf.load(best)
+            lines.append(f"best trial ({best}): {name}={found.get('best_value')} with "
+                         + " ".join(f"{k}={v}" for k, v in found.get("best_params", {}).items()))
+        print("\n".join(lines), flush=True)
+
+
 def _objective(cfg, results):
-    """What a Hydra sweeper optimizes: the metric the config names, if any."""
+    """What a Hydra sweeper optimizes: the metric `optimized_metric` names (NaN if the run has none)."""
     name = cfg.get("optimized_metric")
-    return results.get(name) if name and isinstance(results, dict) else None
+    if not name or not isinstance(results, dict):
+        return None
+    if name not in results and _in_sweep():
+        import logging
+
+        logging.getLogger("autoenc").warning(f"optimized_metric={name} is not among this run's metrics: "
+                                             f"{', '.join(sorted(results))}")
+    return results.get(name, float("nan"))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,7 +17,8 @@ def quiet_lightning() -> None:
     """Silences start-up chatter that says nothing a user can act on."""
     for pattern in (".*does not have many workers.*", ".*LeafSpec.*", ".*is deprecated.*",
                     ".*Checkpoint directory .* exists and is not empty.*",
-                    ".*The number of training batches .* is smaller than the logging interval.*"):
+                    ".*The number of training batches .* is smaller than the logging interval.*",
+                    ".*when logging on epoch level in distributed setting.*"):
         warnings.filterwarnings("ignore", message=pattern)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
@@ -42,7 +43,7 @@ def build(cfg: DictConfig):
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Trains, tests the best checkpoint, writes results.json, and returns the test metrics."""
+    """Trains, tests the best checkpoint, writes results.json: its best val score and test metrics."""
     import lightning.pytorch as pl
     from hydra.utils import instantiate
 
@@ -56,9 +57,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = [instantiate(c) for c in cfg.logger.values() if c] if cfg.logger else False
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    ckpt = trainer.checkpoint_callback
+    best = ckpt.best_model_path if ckpt else ""
+    # The tested checkpoint's monitored score (best val/loss): what `-m` searches optimize.
+    results = {ckpt.monitor: float(ckpt.best_model_score)} if best and ckpt.best_model_score is not None else {}
     trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
-    results = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/") and v.numel() == 1}
+    results |= {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/") and v.numel() == 1}
     if trainer.is_global_zero:
         write_json(out / "results.json", results)
         from lightning.pytorch.loggers import TensorBoardLogger
