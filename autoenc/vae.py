@@ -36,8 +36,8 @@ class VAEModule(AutoencoderModule):
         return Latent(z, mean, logvar)
 
     def beta_now(self) -> float:
-        """β, ramped linearly from 0 over the first `warmup_epochs` epochs of training."""
-        if self.warmup_epochs <= 0 or not self.training or self._trainer is None:
+        """β, ramped linearly from 0 over the first `warmup_epochs` epochs of training (evaluation uses β)."""
+        if self.warmup_epochs <= 0 or self._trainer is None or not self.trainer.training:
             return self.beta
         progress = self.global_step / max(1, self.warmup_epochs * self.trainer.num_training_batches)
         return self.beta * min(1.0, progress)
@@ -48,10 +48,14 @@ class VAEModule(AutoencoderModule):
         terms.update(loss=terms["loss"] + self.beta_now() * kl, kl=kl, nelbo=terms["recon"] + kl)
         return terms, latent, logits
 
+    def training_step(self, batch, batch_idx):
+        self.log("train/beta", self.beta_now(), on_step=True, on_epoch=False)
+        return super().training_step(batch, batch_idx)
+
     def test_step(self, batch, batch_idx):
         out = super().test_step(batch, batch_idx)
         if self.iwae_samples:
-            x, _ = batch
+            x, _ = batch  # the clean x: with noise= any q(z|x) is still a valid proposal
             nll = -self.log_likelihood(x, self.iwae_samples).mean()
             self.log("test/nll_iwae", nll, on_epoch=True, batch_size=len(x), sync_dist=True)
         return out
@@ -59,7 +63,7 @@ class VAEModule(AutoencoderModule):
     @torch.no_grad()
     def log_likelihood(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """IWAE estimate of log p(x) per example with k importance samples (Burda et al. 2015, eq. 8)."""
-        mean, logvar = self.encoder(x).chunk(2, dim=1)
+        mean, logvar = self.encoder(x).float().chunk(2, dim=1)  # float32 even under bf16 autocast
         chunks = []
         for start in range(0, k, self.iwae_chunk):
             n = min(self.iwae_chunk, k - start)
