@@ -55,7 +55,7 @@ class L1(Sparsity):
 class KL(Sparsity):
     """β · Σ_j KL(ρ ‖ ρ̂_j) on sigmoid units, ρ̂_j the batch-mean activation (Ng's sparse AE notes)."""
 
-    def __init__(self, weight: float = 0.1, rho: float = 0.05, threshold: float = 0.5):
+    def __init__(self, weight: float = 1.0, rho: float = 0.05, threshold: float = 0.1):
         super().__init__(weight, threshold)
         self.rho = rho
 

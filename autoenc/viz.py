@@ -59,7 +59,8 @@ class SparsityPictures(Callback):
     def __init__(self, dirpath: str = ".", filename: str = "features.png"):
         self.png = Path(dirpath) / filename
 
-    def on_validation_epoch_end(self, trainer, pl_module):
+    def on_validation_end(self, trainer, pl_module):
+        # Not on_validation_epoch_end: callbacks run before the module's hook that computes the figures.
         freq = pl_module.epoch_figures.get("activation_frequency")
         if freq is None or trainer.sanity_checking:
             return
