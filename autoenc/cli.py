@@ -19,6 +19,13 @@ CONFIGS = next(p for p in (_PKG / "configs", _PKG.parent / "configs") if p.is_di
 COMMANDS = {
     "train": ("train", "autoenc.train:train", "train a model (default: undercomplete AE on the embedded 8×8 digits)"),
 }
+    "evaluate": ("use", "autoenc.use:evaluate", "test figures vs the PCA baseline and linear probes → evaluation.json"),
+    "sample": ("use", "autoenc.use:sample", "a grid of images sampled from the prior (VAE)"),
+    "reconstruct": ("use", "autoenc.use:reconstruct", "input | reconstruction rows from a split or input=DIR"),
+    "denoise": ("use", "autoenc.use:denoise", "clean | corrupted | denoised rows (noise= to choose the corruption)"),
+    "encode": ("use", "autoenc.use:encode", "latent codes and labels of a split → .npz"),
+    "interpolate": ("use", "autoenc.use:interpolate", "decoded latent paths between image pairs (+ VAE traversal)"),
+    "compare": ("compare", "autoenc.use:compare", "one table (+ CSV, bar chart) of runs' overrides and figures"),
 
 USAGE = """usage: autoenc <command> [key=value ...] [--help] [-m]
 
