@@ -77,7 +77,7 @@ class AutoencoderModule(pl.LightningModule):
 
     def __init__(self, net, shape, latent_dim: int = 16, likelihood: str = "bernoulli",
                  sigma: float | None = None, noise=None, penalty: Penalty | None = None,
-                 optimizer=None, scheduler=None, noise_seed: int = 1234, **_):
+                 optimizer=None, scheduler=None, noise_seed: int = 1234, compile: bool = False, **_):
         super().__init__()
         self.shape, self.latent_dim = tuple(shape), latent_dim
         self.encoder, self.decoder = net(shape=self.shape, latent_dim=latent_dim, head_mult=self.head_mult)
@@ -90,6 +90,10 @@ class AutoencoderModule(pl.LightningModule):
         self._generators: dict[str, torch.Generator] = {}
         self._stats: dict[str, torch.Tensor] = {}
         self.epoch_figures: dict[str, torch.Tensor] = {}
+        self._train_sum, self._train_n, self._train_keys = None, 0, []
+        if compile:  # in place, so parameter names (and checkpoints) stay those of the plain modules
+            self.encoder.compile()
+            self.decoder.compile()
 
     # ---- the pipeline -------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> Latent:
@@ -134,10 +138,29 @@ class AutoencoderModule(pl.LightningModule):
         terms["mse"] = F.mse_loss(x_hat, x)
         if self.noise is not None and stage != "train":
             terms |= {"psnr_noisy": psnr(x_tilde, x), "psnr_denoised": psnr(x_hat, x)}
-        for k, v in terms.items():
-            self.log(f"{stage}/{k}", v.detach(), on_step=stage == "train", on_epoch=True,
-                     batch_size=len(x), sync_dist=stage != "train", prog_bar=k == "loss")
+        if stage == "train":
+            self._log_train(terms, len(x))
+        else:
+            for k, v in terms.items():
+                self.log(f"{stage}/{k}", v.detach(), batch_size=len(x), sync_dist=True, prog_bar=k == "loss")
         return {"loss": terms["loss"], "z": latent.z.detach()}
+
+    def _log_train(self, terms: dict[str, torch.Tensor], n: int) -> None:
+        """Step values at the logger's cadence, epoch means from sums kept on the device: one
+        `self.log` per term and step costs more than a small model's step (scripts/benchmark.py)."""
+        values = torch.stack([v.detach().float() for v in terms.values()])
+        self._train_sum = n * values if self._train_sum is None else self._train_sum + n * values
+        self._train_n, self._train_keys = self._train_n + n, list(terms)
+        every = self.trainer.log_every_n_steps
+        if every and (self.global_step + 1) % every == 0:  # the steps whose metrics Lightning writes
+            for k, v in zip(terms, values):
+                self.log(f"train/{k}_step", v, on_step=True, on_epoch=False, prog_bar=k == "loss")
+
+    def on_train_epoch_end(self):
+        if self._train_n:
+            for k, v in zip(self._train_keys, self._train_sum / self._train_n):
+                self.log(f"train/{k}_epoch", v, prog_bar=k == "loss")
+        self._train_sum, self._train_n = None, 0
 
     def training_step(self, batch, batch_idx):
         return self._shared_step(batch, "train")
