@@ -62,6 +62,7 @@ def _task(command: str):
         from autoenc.schema import validate
 
         module, function = COMMANDS[command][1].split(":")
+        env = dict(os.environ)
         _relaunchable(command)
         try:
             validate(cfg)
@@ -72,6 +73,8 @@ def _task(command: str):
             if _in_sweep():
                 return _job_failed(e)
             _fail(str(e))
+        finally:
+            _end_distributed(env)
 
     return task
 
@@ -107,6 +110,16 @@ def _relaunchable(command: str) -> None:
     sys.argv = [_ARGV0, command, *hydra_cfg.overrides.task]
     with read_write(hydra_cfg.run):
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+
+
+def _end_distributed(env: dict[str, str]) -> None:
+    """Closes this job's DDP process group and restores the environment Lightning's launcher
+    changed (LOCAL_RANK, MASTER_PORT…), so that the next job of a sweep starts its own ranks."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(env)
 
 
 class SweepSummary(Callback):

@@ -58,10 +58,13 @@ def test_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(tmp_
     assert (ddp / "train_ddp_process_1.log").is_file() and not (ROOT / "outputs" / "ddp").exists()
 
 
-def test_multirun_keeps_each_run_and_its_hparams_when_one_fails(tmp_path):
+def test_ddp_multirun_keeps_each_run_and_its_hparams_when_one_fails(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = autoenc("train", "-m", f"hydra.sweep.dir={sweep}", "model.latent_dim=2,3,0", *FAST)
+    proc = autoenc("train", "-m", f"hydra.sweep.dir={sweep}", "model.latent_dim=2,3,0", "trainer=ddp_cpu",
+                   "trainer.max_epochs=1", "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=1",
+                   "+trainer.limit_test_batches=1", *QUIET)
     for job, dim in (("0", 2), ("1", 3)):
+        assert (sweep / job / "train_ddp_process_1.log").is_file()  # each job started its own second rank
         results = json.loads((sweep / job / "results.json").read_text())
         hparams, tags, values = hparams_entry(sweep / job)
         assert hparams["model.latent_dim"] == dim and hparams["choice/model"] == "ae"
