@@ -29,6 +29,8 @@ class Run:
 
 def load_run(cfg: DictConfig) -> Run:
     """Rebuilds the model of `cfg.ckpt` from its run's config and loads the weights (weights_only)."""
+    if not cfg.ckpt:
+        raise UserError("name the checkpoint to use: ckpt=<run>/checkpoints/best.ckpt")
     path = Path(str(cfg.ckpt)).expanduser()
     ckpt = load_checkpoint(path)
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
@@ -91,6 +93,7 @@ def out_path(cfg: DictConfig, run: Run, default: str) -> Path:
 
 
 def save_png(grid: torch.Tensor, path: Path) -> Path:
+    """Writes a grid as PNG and says so (with its size in pixels)."""
     save_image(grid, path)
     print(f"wrote {path} ({grid.shape[2]}×{grid.shape[1]} px)")
     return path
@@ -162,7 +165,8 @@ def denoise(cfg: DictConfig) -> Path:
     x = images(cfg, run)[0][:cfg.n]
     x_tilde = noise(x, torch.Generator(device=x.device).manual_seed(cfg.seed))
     x_hat = batched(run.model, x_tilde)
-    print(f"PSNR {float(metrics.psnr(x_tilde, x)):.2f} dB corrupted → {float(metrics.psnr(x_hat, x)):.2f} dB denoised")
+    before, after = float(metrics.psnr(x_tilde, x)), float(metrics.psnr(x_hat, x))
+    print(f"PSNR {before:.2f} dB corrupted → {after:.2f} dB denoised")
     return save_png(paired_rows([x, x_tilde, x_hat]), out_path(cfg, run, "denoise.png"))
 
 
@@ -220,19 +224,23 @@ def run_record(run_dir: Path) -> tuple[dict[str, str], dict[str, float]]:
 
 def compare(cfg: DictConfig) -> list[dict]:
     """One table of runs (their differing overrides and figures) sorted by a metric; CSV and bar chart."""
+    if not cfg.runs:
+        raise UserError("name the runs to compare: runs=[RUN_DIR,...] (a multirun directory counts for all its runs)")
     dirs = [Path(str(d)).expanduser() for d in ([cfg.runs] if isinstance(cfg.runs, str) else cfg.runs)]
     for d in dirs:
         if not d.is_dir():
             raise UserError(f"{d} is not a directory; give run or multirun directories: runs=[DIR,...]")
     run_dirs = sorted({p.parent for d in dirs for p in d.rglob("results.json")})
     if not run_dirs:
-        raise UserError(f"no results.json under {', '.join(map(str, dirs))}; give directories written by `autoenc train`")
+        raise UserError(f"no results.json under {', '.join(map(str, dirs))}; "
+                        "give directories written by `autoenc train`")
     records = [run_record(r) for r in run_dirs]
     names = sorted({m for _, f in records for m in f})
     shown = list(dict.fromkeys([cfg.sort, *(cfg.metrics or names)]))  # the sort metric first
     unknown = [m for m in shown if m not in names]
     if unknown:
-        raise UserError(f"{unknown[0]!r} is not a figure of these runs (sort=, metrics=); choose from: {', '.join(names)}")
+        raise UserError(f"{unknown[0]!r} is not a figure of these runs (sort=, metrics=); "
+                        f"choose from: {', '.join(names)}")
     keys = sorted({k for o, _ in records for k in o})
     varying = [k for k in keys if len({o.get(k) for o, _ in records}) > 1]
     root = Path(os.path.commonpath([str(r) for r in run_dirs]))
