@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import os
@@ -18,7 +19,6 @@ CONFIGS = next(p for p in (_PKG / "configs", _PKG.parent / "configs") if p.is_di
 # command: (config name, "module:function" run with the composed config, one-line description)
 COMMANDS = {
     "train": ("train", "autoenc.train:train", "train a model (default: undercomplete AE on the embedded 8×8 digits)"),
-}
     "evaluate": ("use", "autoenc.use:evaluate", "test figures vs the PCA baseline and linear probes → evaluation.json"),
     "sample": ("use", "autoenc.use:sample", "a grid of images sampled from the prior (VAE)"),
     "reconstruct": ("use", "autoenc.use:reconstruct", "input | reconstruction rows from a split or input=DIR"),
@@ -26,6 +26,7 @@ COMMANDS = {
     "encode": ("use", "autoenc.use:encode", "latent codes and labels of a split → .npz"),
     "interpolate": ("use", "autoenc.use:interpolate", "decoded latent paths between image pairs (+ VAE traversal)"),
     "compare": ("compare", "autoenc.use:compare", "one table (+ CSV, bar chart) of runs' overrides and figures"),
+}
 
 USAGE = """usage: autoenc <command> [key=value ...] [--help] [-m]
 
@@ -73,6 +74,11 @@ def _task(command: str):
             if _in_sweep():
                 return _job_failed(e)
             _fail(str(e))
+        except OSError as e:
+            if e.errno != errno.ENOSPC or _full_error():
+                raise
+            _fail(f"no space left on device writing {e.filename or 'the run directory'}; free some space or "
+                  "point hydra.run.dir= at another disk")
         finally:
             _end_distributed(env)
 

@@ -77,7 +77,8 @@ class AutoencoderModule(pl.LightningModule):
 
     def __init__(self, net, shape, latent_dim: int = 16, likelihood: str = "bernoulli",
                  sigma: float | None = None, noise=None, penalty: Penalty | None = None,
-                 optimizer=None, scheduler=None, noise_seed: int = 1234, compile: bool = False, **_):
+                 optimizer=None, scheduler=None, noise_seed: int = 1234, seed: int = 0,
+                 compile: bool = False, **_):
         super().__init__()
         self.shape, self.latent_dim = tuple(shape), latent_dim
         self.encoder, self.decoder = net(shape=self.shape, latent_dim=latent_dim, head_mult=self.head_mult)
@@ -85,7 +86,7 @@ class AutoencoderModule(pl.LightningModule):
         self.noise, self.penalty = noise, penalty or Penalty()
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-3)
         self.scheduler_factory = scheduler
-        self.noise_seed = noise_seed
+        self.noise_seed, self.seed = noise_seed, seed
         self.run_config: dict | None = None  # the resolved run config, stored in checkpoints
         self._generators: dict[str, torch.Generator] = {}
         self._stats: dict[str, torch.Tensor] = {}
@@ -195,6 +196,12 @@ class AutoencoderModule(pl.LightningModule):
             return
         self.epoch_figures = self.split_figures(stats)
         self.log_dict({f"{stage}/{k}": v for k, v in self.epoch_figures.items() if v.dim() == 0})
+
+    def on_train_epoch_start(self):
+        # Each epoch's randomness (sampling, training noise) is a function of (seed, epoch, rank), so
+        # a run resumed from an epoch's checkpoint continues exactly as the uninterrupted run would.
+        torch.manual_seed(hash((self.seed, self.current_epoch, self.global_rank)) % 2**63)
+        self._generators.pop("train", None)
 
     def on_validation_epoch_start(self):
         self._stats, _ = {}, self._generators.pop("val", None)

@@ -8,7 +8,10 @@ import os
 import warnings
 from pathlib import Path
 
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from autoenc.errors import UserError
 
 log = logging.getLogger("autoenc")
 
@@ -29,6 +32,55 @@ def write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+def load_checkpoint(path, model=None) -> dict:
+    """Reads a checkpoint as tensors and plain data only (weights_only): nothing in it can run."""
+    import pickle
+
+    import torch
+
+    p = Path(str(path))
+    if not p.is_file():
+        raise UserError(f"checkpoint {p} does not exist; give the path of a .ckpt file in a run's checkpoints/")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"refused to load {p}: it holds objects other than tensors and plain data, which "
+                        f"could run code ({str(e).splitlines()[-1]})") from None
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {p}: it is truncated or not a checkpoint ({e})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise UserError(f"{p} is not an autoenc checkpoint (it has no state_dict)")
+    if model is not None:
+        try:
+            model.load_state_dict(ckpt["state_dict"])
+        except RuntimeError as e:
+            raise UserError(f"{p} is from a different model than this config builds ({str(e).splitlines()[0]}); "
+                            "use the model/net/data settings of the run that wrote it") from None
+    return ckpt
+
+
+class SafetyNet(Callback):
+    """Ctrl-C saves last.ckpt before exiting; a non-finite training loss stops the run, naming the step."""
+
+    def __init__(self, dirpath: str):
+        self.last = Path(dirpath) / "last.ckpt"
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        import torch
+
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if not torch.isfinite(loss):
+            kept = f"the last good checkpoint is kept: {self.last}" if self.last.is_file() else "no checkpoint was saved yet"
+            raise UserError(f"the training loss became {loss.item()} at step {trainer.global_step} (epoch "
+                            f"{trainer.current_epoch}); lower model.optimizer.lr or check the data; {kept}")
+
+    def on_exception(self, trainer, pl_module, exception):
+        if isinstance(exception, KeyboardInterrupt):
+            trainer.save_checkpoint(self.last)
+            print(f"interrupted at step {trainer.global_step}; saved {self.last}; "
+                  f"resume with: autoenc train ckpt_path={self.last}", flush=True)
 
 
 def build(cfg: DictConfig):
@@ -56,12 +108,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
     loggers = [instantiate(c) for c in cfg.logger.values() if c] if cfg.logger else False
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    if cfg.ckpt_path:
+        load_checkpoint(cfg.ckpt_path, model)  # a clear error now, before Lightning reads it
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     ckpt = trainer.checkpoint_callback
     best = ckpt.best_model_path if ckpt else ""
     # The tested checkpoint's monitored score (best val/loss): what `-m` searches optimize.
     results = {ckpt.monitor: float(ckpt.best_model_score)} if best and ckpt.best_model_score is not None else {}
-    trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+    trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)
     results |= {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/") and v.numel() == 1}
     if trainer.is_global_zero:
         write_json(out / "results.json", results)
