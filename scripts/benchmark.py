@@ -231,6 +231,8 @@ def main(argv=None) -> dict:
         row["ratio_cpu"] = row["autoenc"]["cpu_samples_per_s"] / row["plain"]["cpu_samples_per_s"]
         rows[family] = row
         print(format_row(family, row), flush=True)
+    # again as one block: the progress bars of the autoenc runs interleave with the lines above
+    print("\n".join(format_row(f, r) for f, r in rows.items()))
     result = {"env": env, "families": rows}
     if first_step is not None:
         # command start to the first family's first training step (imports, compose, data, sanity check)
