@@ -13,6 +13,7 @@ import time
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import FAST, ROOT, autoenc, train_run
 
@@ -158,12 +159,15 @@ def test_results_are_written_atomically(tmp_path, monkeypatch):
 def test_full_disk_is_one_line(monkeypatch, capsys):
     from autoenc import cli
 
+    def boom(cfg):
+        raise OSError(errno.ENOSPC, "No space left on device", "/x/last.ckpt")
+
+    module = type(sys)("tests_full_disk")
+    module.boom = boom
+    monkeypatch.setitem(sys.modules, "tests_full_disk", module)
     monkeypatch.setitem(cli.COMMANDS, "train", ("train", "tests_full_disk:boom", ""))
-    monkeypatch.setitem(sys.modules, "tests_full_disk",
-                        type(sys)("tests_full_disk"))
-    sys.modules["tests_full_disk"].boom = lambda cfg: (_ for _ in ()).throw(
-        OSError(errno.ENOSPC, "No space left on device", "/x/last.ckpt"))
+    monkeypatch.setattr(cli, "_relaunchable", lambda command: None)  # outside a Hydra run
     with pytest.raises(SystemExit) as exit_:
-        cli._task("train")({})
+        cli._task("train")(OmegaConf.create({}))
     assert exit_.value.code == 2
     assert "no space left on device writing /x/last.ckpt" in capsys.readouterr().err
