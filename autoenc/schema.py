@@ -48,6 +48,10 @@ RULES = {
     "penalty.projections": (_int(1), "a positive integer"),
     "trainer.max_epochs": (lambda v, cfg: v is None or v == -1 or _int(1)(v, cfg), "a positive integer (or -1)"),
     "eval.iwae_samples": (_int(0), "an integer ≥ 0"),
+    "eval.probe_examples": (_int(1), "a positive integer"),
+    "n": (_int(1), "a positive integer"),
+    "pairs": (_int(1), "a positive integer"),
+    "steps": (_int(2), "an integer ≥ 2"),
 }
 
 
