@@ -34,7 +34,7 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, model=None) -> dict:
+def load_checkpoint(path) -> dict:
     """Reads a checkpoint as tensors and plain data only (weights_only): nothing in it can run."""
     import pickle
 
@@ -52,13 +52,16 @@ def load_checkpoint(path, model=None) -> dict:
         raise UserError(f"cannot read checkpoint {p}: it is truncated or not a checkpoint ({e})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise UserError(f"{p} is not an autoenc checkpoint (it has no state_dict)")
-    if model is not None:
-        try:
-            model.load_state_dict(ckpt["state_dict"])
-        except RuntimeError as e:
-            raise UserError(f"{p} is from a different model than this config builds ({str(e).splitlines()[0]}); "
-                            "use the model/net/data settings of the run that wrote it") from None
     return ckpt
+
+
+def restore(model, ckpt: dict, path) -> None:
+    """Loads a checkpoint's weights into `model`, or says in one line that it is another model's."""
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise UserError(f"{path} is from a different model than this config builds ({str(e).splitlines()[0]}); "
+                        "use the model/net/data settings of the run that wrote it") from None
 
 
 class SafetyNet(Callback):
@@ -109,7 +112,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = [instantiate(c) for c in cfg.logger.values() if c] if cfg.logger else False
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     if cfg.ckpt_path:
-        load_checkpoint(cfg.ckpt_path, model)  # a clear error now, before Lightning reads it
+        restore(model, load_checkpoint(cfg.ckpt_path), cfg.ckpt_path)  # a clear error before Lightning reads it
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     ckpt = trainer.checkpoint_callback
     best = ckpt.best_model_path if ckpt else ""

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from autoenc import metrics
 from autoenc.errors import UserError
-from autoenc.train import build, load_checkpoint, quiet_lightning, write_json
+from autoenc.train import build, load_checkpoint, quiet_lightning, restore, write_json
 from autoenc.viz import grid_of_rows, make_grid, save_image
 
 
@@ -47,7 +47,7 @@ def load_run(cfg: DictConfig) -> Run:
         run_cfg.model.iwae_samples = cfg.eval.iwae_samples
     quiet_lightning()
     datamodule, model = build(run_cfg)
-    load_checkpoint(path, model)
+    restore(model, ckpt, path)  # the checkpoint already read above, not read again
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return Run(run_dir, run_cfg, datamodule, model.eval().to(device))
 
