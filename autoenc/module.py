@@ -78,8 +78,11 @@ class AutoencoderModule(pl.LightningModule):
     def __init__(self, net, shape, latent_dim: int = 16, likelihood: str = "bernoulli",
                  sigma: float | None = None, noise=None, penalty: Penalty | None = None,
                  optimizer=None, scheduler=None, noise_seed: int = 1234, seed: int = 0,
-                 compile: bool = False, **_):
+                 compile: bool = False, grad_clip: float | None = None, **_):
         super().__init__()
+        # training_step runs the optimizer steps itself: one per batch of the group it is given
+        self.automatic_optimization = False
+        self.grad_clip = grad_clip
         self.shape, self.latent_dim = tuple(shape), latent_dim
         self.encoder, self.decoder = net(shape=self.shape, latent_dim=latent_dim, head_mult=self.head_mult)
         self.likelihood = LIKELIHOODS[likelihood](sigma)
@@ -91,7 +94,7 @@ class AutoencoderModule(pl.LightningModule):
         self._generators: dict[str, torch.Generator] = {}
         self._stats: dict[str, torch.Tensor] = {}
         self.epoch_figures: dict[str, torch.Tensor] = {}
-        self._train_sum, self._train_n, self._train_keys = None, 0, []
+        self._train_epoch: dict = {}  # n, keys, sums of the epoch's step values (a dict: cheap to update)
         if compile:  # in place, so parameter names (and checkpoints) stay those of the plain modules
             self.encoder.compile()
             self.decoder.compile()
@@ -137,40 +140,68 @@ class AutoencoderModule(pl.LightningModule):
             self._accumulate(latent)
         x_hat = self.likelihood.mean(logits.detach())
         terms["mse"] = F.mse_loss(x_hat, x)
-        if self.noise is not None and stage != "train":
-            terms |= {"psnr_noisy": psnr(x_tilde, x), "psnr_denoised": psnr(x_hat, x)}
-        if stage == "train":
-            self._log_train(terms, len(x))
-        else:
+        if stage != "train":
+            if self.noise is not None:
+                terms |= {"psnr_noisy": psnr(x_tilde, x), "psnr_denoised": psnr(x_hat, x)}
             for k, v in terms.items():
                 self.log(f"{stage}/{k}", v.detach(), batch_size=len(x), sync_dist=True, prog_bar=k == "loss")
-        return {"loss": terms["loss"], "z": latent.z.detach()}
+        return terms, latent
 
-    def _log_train(self, terms: dict[str, torch.Tensor], n: int) -> None:
-        """Step values at the logger's cadence, epoch means from sums kept on the device: one
+    def training_step(self, batches, batch_idx):
+        """One optimizer step per batch of the group (data.steps_per_call); returns their losses."""
+        opt, losses = self.optimizers(), []
+        for batch in batches:
+            if 0 <= self.trainer.max_steps <= self.global_step:
+                break
+            terms, _ = self._shared_step(batch, "train")
+            opt.zero_grad(set_to_none=True)
+            self.manual_backward(terms["loss"])
+            if self.grad_clip:
+                self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+            opt.step()
+            losses.append(self._log_train(terms, len(batch[0])))
+        return {"losses": torch.stack(losses)}
+
+    def _log_train(self, terms: dict[str, torch.Tensor], n: int) -> torch.Tensor:
+        """Keeps epoch sums on the device and writes step values every `log_every_n_steps` steps; one
         `self.log` per term and step costs more than a small model's step (scripts/benchmark.py)."""
         values = torch.stack([v.detach().float() for v in terms.values()])
-        self._train_sum = n * values if self._train_sum is None else self._train_sum + n * values
-        self._train_n, self._train_keys = self._train_n + n, list(terms)
+        acc = self._train_epoch
+        if acc:
+            acc["sum"].add_(values, alpha=n)
+            acc["n"] += n
+        else:
+            acc.update(sum=n * values, n=n, keys=list(terms))
         every = self.trainer.log_every_n_steps
-        if every and (self.global_step + 1) % every == 0:  # the steps whose metrics Lightning writes
-            for k, v in zip(terms, values):
-                self.log(f"train/{k}_step", v, on_step=True, on_epoch=False, prog_bar=k == "loss")
+        if every and self.global_step % every == 0:
+            step = {f"train/{k}_step": v for k, v in zip(terms, values.tolist())}
+            for logger in self.loggers:
+                logger.log_metrics(step, step=self.global_step)
+            self.log("train/loss_step", step["train/loss_step"], logger=False, prog_bar=True)
+        return values[0]
 
     def on_train_epoch_end(self):
-        if self._train_n:
-            for k, v in zip(self._train_keys, self._train_sum / self._train_n):
+        acc = self._train_epoch
+        if acc:
+            for k, v in zip(acc["keys"], acc["sum"] / acc["n"]):
                 self.log(f"train/{k}_epoch", v, prog_bar=k == "loss")
-        self._train_sum, self._train_n = None, 0
+        acc.clear()
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        self.log_step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
 
-    def training_step(self, batch, batch_idx):
-        return self._shared_step(batch, "train")
+    def log_step(self) -> None:
+        """Puts epoch-level values at the optimizer step on TensorBoard's x-axis, like the step values
+        (Lightning's default counts training_step calls, fewer when data.steps_per_call > 1)."""
+        self.log("step", float(self.global_step))
 
     def validation_step(self, batch, batch_idx):
-        return self._shared_step(batch, "val")
+        self._shared_step(batch, "val")
 
     def test_step(self, batch, batch_idx):
-        return self._shared_step(batch, "test")
+        self._shared_step(batch, "test")
 
     # ---- whole-split latent statistics (dead units, active units) ---------------------------
     def _accumulate(self, latent: Latent) -> None:
@@ -196,6 +227,7 @@ class AutoencoderModule(pl.LightningModule):
             return
         self.epoch_figures = self.split_figures(stats)
         self.log_dict({f"{stage}/{k}": v for k, v in self.epoch_figures.items() if v.dim() == 0})
+        self.log_step()
 
     def on_train_epoch_start(self):
         # Each epoch's randomness (sampling, training noise) is a function of (seed, epoch, rank), so
@@ -220,7 +252,7 @@ class AutoencoderModule(pl.LightningModule):
         opt = self.optimizer_factory(self.parameters())
         if self.scheduler_factory is None:
             return opt
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "name": "train/lr"}}
+        return {"optimizer": opt, "lr_scheduler": self.scheduler_factory(opt)}  # stepped each epoch
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.run_config is not None:

@@ -33,7 +33,9 @@ RULES = {
     "model.iwae_samples": (_int(0), "an integer ≥ 0"),
     "model.iwae_chunk": (_int(1), "a positive integer"),
     "model.optimizer.lr": (_num(0, open_lo=True), "a number > 0"),
+    "model.grad_clip": (lambda v, cfg: v is None or _num(0, open_lo=True)(v, cfg), "null or a number > 0"),
     "data.batch_size": (_int(1), "a positive integer"),
+    "data.steps_per_call": (_int(1), "a positive integer"),
     "data.val_fraction": (_num(0, 1), "a fraction in [0, 1)"),
     "data.test_fraction": (_num(0, 1, open_lo=True), "a fraction in (0, 1)"),
     "data.binarize": (_one_of(None, "static", "dynamic"), "null, static or dynamic"),
@@ -46,6 +48,10 @@ RULES = {
     "penalty.k": (_int(1, "model.latent_dim"), "an integer from 1 to model.latent_dim"),
     "penalty.method": (_one_of("auto", "analytic", "exact", "estimate"), "auto, analytic, exact or estimate"),
     "penalty.projections": (_int(1), "a positive integer"),
+    # autoenc's training_step runs the optimizer itself (data.steps_per_call), so Lightning's own
+    # clipping and accumulation do not apply
+    "trainer.gradient_clip_val": (lambda v, cfg: v is None, "unset: clip with model.grad_clip"),
+    "trainer.accumulate_grad_batches": (lambda v, cfg: v == 1, "1: use a larger data.batch_size instead"),
     "trainer.max_epochs": (lambda v, cfg: v is None or v == -1 or _int(1)(v, cfg), "a positive integer (or -1)"),
     "eval.iwae_samples": (_int(0), "an integer ≥ 0"),
     "eval.probe_examples": (_int(1), "a positive integer"),

@@ -73,10 +73,13 @@ class SafetyNet(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         import torch
 
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if not torch.isfinite(loss):
+        losses = outputs["losses"]  # one per optimizer step of the call: checked together, one sync
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad):
+            first = int(bad[0])
+            step = trainer.global_step - len(losses) + first + 1
             kept = f"the last good checkpoint is kept: {self.last}" if self.last.is_file() else "no checkpoint was saved yet"
-            raise UserError(f"the training loss became {loss.item()} at step {trainer.global_step} (epoch "
+            raise UserError(f"the training loss became {losses[first].item()} at step {step} (epoch "
                             f"{trainer.current_epoch}); lower model.optimizer.lr or check the data; {kept}")
 
     def on_exception(self, trainer, pl_module, exception):
@@ -97,10 +100,21 @@ def build(cfg: DictConfig):
     return datamodule, model
 
 
+def make_trainer(cfg: DictConfig, *extra_callbacks):
+    """The Trainer a config describes, with its callbacks and loggers (the progress bar only when
+    trainer.enable_progress_bar is on, as Lightning requires)."""
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import ProgressBar
+
+    callbacks = [cb for cb in (instantiate(c) for c in cfg.callbacks.values() if c)
+                 if cfg.trainer.enable_progress_bar or not isinstance(cb, ProgressBar)]
+    loggers = [instantiate(c) for c in cfg.logger.values() if c] if cfg.logger else False
+    return instantiate(cfg.trainer, callbacks=callbacks + list(extra_callbacks), logger=loggers)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Trains, tests the best checkpoint, writes results.json: its best val score and test metrics."""
     import lightning.pytorch as pl
-    from hydra.utils import instantiate
 
     quiet_lightning()
     out = Path(cfg.paths.output_dir)
@@ -108,9 +122,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, model = build(cfg)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
-    loggers = [instantiate(c) for c in cfg.logger.values() if c] if cfg.logger else False
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    trainer = make_trainer(cfg)
     if cfg.ckpt_path:
         restore(model, load_checkpoint(cfg.ckpt_path), cfg.ckpt_path)  # a clear error before Lightning reads it
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)

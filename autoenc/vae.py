@@ -39,26 +39,26 @@ class VAEModule(AutoencoderModule):
         """β, ramped linearly from 0 over the first `warmup_epochs` epochs of training (evaluation uses β)."""
         if self.warmup_epochs <= 0 or self._trainer is None or not self.trainer.training:
             return self.beta
-        progress = self.global_step / max(1, self.warmup_epochs * self.trainer.num_training_batches)
+        loader = self.trainer.train_dataloader  # autoenc.data.Grouped: steps, not training_step calls
+        steps_per_epoch = min(len(loader.batches), self.trainer.num_training_batches * loader.steps)
+        progress = self.global_step / max(1, self.warmup_epochs * steps_per_epoch)
         return self.beta * min(1.0, progress)
 
     def loss_terms(self, x, x_tilde):
         terms, latent, logits = super().loss_terms(x, x_tilde)
         kl = gaussian_kl(latent.mean, latent.logvar).mean()
-        terms.update(loss=terms["loss"] + self.beta_now() * kl, kl=kl, nelbo=terms["recon"] + kl)
+        beta = self.beta_now()
+        terms.update(loss=terms["loss"] + beta * kl, kl=kl, nelbo=terms["recon"] + kl)
+        if self.training:
+            terms["beta"] = kl.new_tensor(beta)
         return terms, latent, logits
 
-    def training_step(self, batch, batch_idx):
-        self.log("train/beta", self.beta_now(), on_step=True, on_epoch=False)
-        return super().training_step(batch, batch_idx)
-
     def test_step(self, batch, batch_idx):
-        out = super().test_step(batch, batch_idx)
+        super().test_step(batch, batch_idx)
         if self.iwae_samples:
             x, _ = batch  # the clean x: with noise= any q(z|x) is still a valid proposal
             nll = -self.log_likelihood(x, self.iwae_samples).mean()
             self.log("test/nll_iwae", nll, on_epoch=True, batch_size=len(x), sync_dist=True)
-        return out
 
     @torch.no_grad()
     def log_likelihood(self, x: torch.Tensor, k: int) -> torch.Tensor:

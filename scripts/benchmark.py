@@ -3,11 +3,12 @@
     python scripts/benchmark.py --data-root ../shared/data --out bench.json
     python scripts/benchmark.py --device cuda --precision bf16-mixed --compile
 
-Each family is trained twice per repeat in this process, interleaved: once as `autoenc train`
-builds it (Hydra compose over the project's configs → autoenc.train.build → Lightning Trainer,
-with its logger, progress bar and callbacks), once as a plain loop (forward, loss, backward,
-step) over the same network, batch size, optimizer and device-resident data. Samples/s are
-timed over `--steps` steps after `--warmup` steps; the best repeat of each path is reported.
+Each family is trained in this process two ways, in alternating blocks of `--block` steps: as
+`autoenc train` builds it (Hydra compose over the project's configs → autoenc.train.build →
+Lightning Trainer, with its logger, progress bar and callbacks), and as a plain loop (forward,
+loss, backward, step) over the same network, batch size, optimizer and device-resident data.
+Alternating makes both paths share whatever else the machine is doing. Samples/s are timed over
+`--steps` steps of each after `--warmup` steps.
 """
 
 from __future__ import annotations
@@ -82,12 +83,6 @@ def compose(args, family: str, out_dir: str):
         return hydra_compose("train", overrides=overrides)
 
 
-def elapsed(times: dict, args) -> dict:
-    """Wall and process CPU seconds of the timed steps (CPU time is less sensitive to other load)."""
-    (w0, c0), (w1, c1) = times[args.warmup], times[args.warmup + args.steps]
-    return {"seconds": w1 - w0, "cpu_seconds": c1 - c0}
-
-
 def sync(device: str) -> None:
     import torch
 
@@ -95,61 +90,40 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_autoenc(args, family: str) -> dict:
-    """Fits through Lightning as `autoenc train` does; times steps [warmup, warmup+steps)."""
-    import lightning.pytorch as pl
-    from hydra.utils import instantiate
-
-    from autoenc.train import build, quiet_lightning
-
-    times = {}
-
-    class Clock(pl.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            step = trainer.global_step  # optimizer steps done so far
-            if step in (1, args.warmup, args.warmup + args.steps):
-                sync(args.device)
-                times[step] = time.perf_counter(), time.process_time()
-                times.setdefault("since_process_start", process_age())
-
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as out, PeakRSS() as mem:
-        cfg = compose(args, family, out)
-        quiet_lightning()
-        pl.seed_everything(cfg.seed, verbose=False)
-        datamodule, model = build(cfg)
-        callbacks = [instantiate(c) for c in cfg.callbacks.values() if c] + [Clock()]
-        loggers = [instantiate(c) for c in cfg.logger.values() if c] if cfg.logger else False
-        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
-        trainer.fit(model, datamodule=datamodule)
-    return {**elapsed(times, args), "peak_rss": mem.peak, "startup_s": times[1][0] - t0, "since_process_start": times["since_process_start"], "cfg": cfg}
-
-
-def run_plain(args, cfg) -> dict:
+class PlainLoop:
     """A hand-written loop over the same network, optimizer, batch size and device-resident data."""
-    import torch
 
-    from autoenc.train import build
+    def __init__(self, args, cfg):
+        import torch
 
-    t0 = time.perf_counter()
-    with PeakRSS() as mem:
+        from autoenc.train import build
+
         torch.manual_seed(cfg.seed)
         datamodule, model = build(cfg)
-        model.to(args.device)
-        enc, dec, penalty, nll, noise = model.encoder, model.decoder, model.penalty, model.likelihood.nll, model.noise
-        vae = model.head_mult == 2
-        opt = model.optimizer_factory(model.parameters())
-        x_all = datamodule.splits["train"][0].to(args.device)  # stored as uint8 or float, like autoenc
-        order = torch.randperm(len(x_all), device=args.device)
-        g = torch.Generator(device=args.device).manual_seed(0)
-        autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
-        times = {}
-        for step in range(1, args.warmup + args.steps + 1):
-            start = (step - 1) * args.batch_size % (len(x_all) - args.batch_size + 1)
-            x = x_all[order[start:start + args.batch_size]]
+        self.args, self.model = args, model.to(args.device)
+        self.opt = model.optimizer_factory(model.parameters())
+        self.x_all = datamodule.splits["train"][0].to(args.device)  # stored as uint8 or float, like autoenc
+        self.order = torch.randperm(len(self.x_all), device=args.device)
+        self.g = torch.Generator(device=args.device).manual_seed(0)
+        self.autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
+        self.done = 0
+
+    def run(self, steps: int) -> tuple[float, float]:
+        """Trains `steps` steps; returns their wall and process CPU seconds."""
+        import torch
+
+        m, b = self.model, self.args.batch_size
+        enc, dec, penalty, nll, noise = m.encoder, m.decoder, m.penalty, m.likelihood.nll, m.noise
+        vae = m.head_mult == 2
+        sync(self.args.device)
+        w0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(steps):
+            start = self.done * b % (len(self.x_all) - b + 1)
+            self.done += 1
+            x = self.x_all[self.order[start:start + b]]
             x = x.float().div_(255) if x.dtype == torch.uint8 else x
-            x_tilde = noise(x, g) if noise is not None else x
-            with autocast:
+            x_tilde = noise(x, self.g) if noise is not None else x
+            with self.autocast:
                 h = enc(x_tilde)
                 if vae:
                     mean, logvar = h.chunk(2, dim=1)
@@ -158,25 +132,88 @@ def run_plain(args, cfg) -> dict:
                 else:
                     z, extra = penalty.code(h), 0.0
                 loss = nll(dec(z).float(), x).mean() + penalty(z, x_tilde, enc)[0] + extra
-            opt.zero_grad(set_to_none=True)
+            self.opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-            if step in (1, args.warmup, args.warmup + args.steps):
-                sync(args.device)
-                times[step] = time.perf_counter(), time.process_time()
-    return {**elapsed(times, args), "peak_rss": mem.peak, "startup_s": times[1][0] - t0}
+            self.opt.step()
+        sync(self.args.device)
+        return time.perf_counter() - w0, time.process_time() - c0
 
 
-def peak_cuda(fn, *a) -> dict:
-    """Runs fn and replaces its peak memory by torch.cuda.max_memory_allocated on a GPU."""
+def run_family(args, family: str) -> dict:
+    """Fits through Lightning as `autoenc train` does, and runs the plain loop in alternating blocks.
+
+    After warm-up, every `--block` optimizer steps of the Trainer are followed by as many plain-loop
+    steps, so that both paths see the same machine (other load, clock speed) over the run.
+    """
+    import lightning.pytorch as pl
     import torch
 
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    result = fn(*a)
-    if torch.cuda.is_available():
-        result["peak_cuda"] = torch.cuda.max_memory_allocated()
-    return result
+    from autoenc.train import build, make_trainer, quiet_lightning
+
+    totals = {"autoenc": [0.0, 0.0], "plain": [0.0, 0.0], "steps": 0}
+    cuda_peak = {"autoenc": 0, "plain": 0}
+
+    def peak(path):
+        if args.device == "cuda":
+            cuda_peak[path] = max(cuda_peak[path], torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
+
+    class Alternate(pl.Callback):
+        """Times the Trainer's steps in blocks and runs the plain loop for as many steps after each."""
+
+        clock = None
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            step = trainer.global_step  # optimizer steps done so far
+            if self.clock is None:
+                if "first_step" not in totals:  # the end of the first training_step call
+                    totals["first_step"] = time.perf_counter(), process_age()
+                if step < args.warmup:
+                    return
+                plain.run(args.warmup)
+                peak("plain")
+            else:
+                sync(args.device)
+                n = step - self.clock[0]
+                if n < args.block and step < args.warmup + args.steps:
+                    return
+                w, c = time.perf_counter() - self.clock[1], time.process_time() - self.clock[2]
+                peak("autoenc")
+                totals["autoenc"][0] += w
+                totals["autoenc"][1] += c
+                totals["steps"] += n
+                for i, v in enumerate(plain.run(n)):
+                    totals["plain"][i] += v
+                peak("plain")
+            sync(args.device)
+            self.clock = step, time.perf_counter(), time.process_time()
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out, PeakRSS() as mem:
+        cfg = compose(args, family, out)
+        plain_t0 = time.perf_counter()
+        plain = PlainLoop(args, cfg)
+        plain_startup = time.perf_counter() - plain_t0 + plain.run(1)[0]
+        t1 = time.perf_counter()
+        quiet_lightning()
+        pl.seed_everything(cfg.seed, verbose=False)
+        datamodule, model = build(cfg)
+        trainer = make_trainer(cfg, Alternate())
+        trainer.fit(model, datamodule=datamodule)
+    row, n = {"steps": totals["steps"]}, totals["steps"] * args.batch_size
+    for path in ("autoenc", "plain"):
+        wall, cpu = totals[path]
+        row[path] = {"samples_per_s": n / wall, "cpu_samples_per_s": n / cpu}
+        if args.device == "cuda":
+            row[path]["peak_cuda_mb"] = cuda_peak[path] / 2**20
+    row["peak_rss_mb"] = mem.peak / 2**20
+    # compose, then build and fit up to the end of the first step (the plain loop's build left out)
+    row["autoenc"]["startup_s"] = (plain_t0 - t0) + totals["first_step"][0] - t1
+    row["plain"]["startup_s"] = plain_startup
+    row["since_process_start"] = totals["first_step"][1]
+    row["ratio"] = row["autoenc"]["samples_per_s"] / row["plain"]["samples_per_s"]
+    row["ratio_cpu"] = row["autoenc"]["cpu_samples_per_s"] / row["plain"]["cpu_samples_per_s"]
+    return row
 
 
 def main(argv=None) -> dict:
@@ -187,7 +224,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=300, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=30, help="untimed steps before timing")
-    p.add_argument("--repeats", type=int, default=2, help="interleaved runs of each path; best kept")
+    p.add_argument("--block", type=int, default=50, help="steps of each path between switches")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     # 1 by default: on a small shared CPU, OpenMP threads that wait on each other under other load
     # slowed a plain step ~45× (2 threads vs 1 on the 2-core machine of the README's table).
@@ -205,31 +242,15 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     env = {"device": args.device, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
            "torch": torch.__version__, "batch_size": args.batch_size, "steps": args.steps,
-           "warmup": args.warmup, "repeats": args.repeats, "compile": args.compile,
+           "warmup": args.warmup, "block": args.block, "compile": args.compile,
            "precision": args.precision, "data": args.data}
     if args.device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
     rows, first_step = {}, None
     for family in args.families:
-        runs = {"autoenc": [], "plain": []}
-        for _ in range(args.repeats):
-            a = peak_cuda(run_autoenc, args, family)
-            first_step = first_step or a.pop("since_process_start")
-            runs["autoenc"].append(a)
-            runs["plain"].append(peak_cuda(run_plain, args, a.pop("cfg")))
-        row = {}
-        for path, rs in runs.items():
-            best = min(rs, key=lambda r: r["seconds"])
-            row[path] = {"samples_per_s": args.batch_size * args.steps / best["seconds"],
-                         "all_samples_per_s": [args.batch_size * args.steps / r["seconds"] for r in rs],
-                         "cpu_samples_per_s": args.batch_size * args.steps / min(r["cpu_seconds"] for r in rs),
-                         "peak_rss_mb": max(r["peak_rss"] for r in rs) / 2**20,
-                         "startup_s": min(r["startup_s"] for r in rs)}
-            if "peak_cuda" in best:
-                row[path]["peak_cuda_mb"] = max(r["peak_cuda"] for r in rs) / 2**20
-        row["ratio"] = row["autoenc"]["samples_per_s"] / row["plain"]["samples_per_s"]
-        row["ratio_cpu"] = row["autoenc"]["cpu_samples_per_s"] / row["plain"]["cpu_samples_per_s"]
-        rows[family] = row
+        row = rows[family] = run_family(args, family)
+        first_step = first_step or row.pop("since_process_start")
+        row.pop("since_process_start", None)
         print(format_row(family, row), flush=True)
     # again as one block: the progress bars of the autoenc runs interleave with the lines above
     print("\n".join(format_row(f, r) for f, r in rows.items()))
@@ -243,10 +264,12 @@ def main(argv=None) -> dict:
 
 
 def format_row(family: str, row: dict) -> str:
-    mem = "peak_cuda_mb" if "peak_cuda_mb" in row["autoenc"] else "peak_rss_mb"
-    return (f"{family:<21} autoenc {row['autoenc']['samples_per_s']:9.0f}/s  plain {row['plain']['samples_per_s']:9.0f}/s"
-            f"  ratio {row['ratio']:.3f} (cpu {row['ratio_cpu']:.3f})  {mem} {row['autoenc'][mem]:7.0f} / {row['plain'][mem]:7.0f}"
-            f"  startup {row['autoenc']['startup_s']:.2f}s / {row['plain']['startup_s']:.2f}s")
+    a, p = row["autoenc"], row["plain"]
+    mem = (f"peak_cuda_mb {a['peak_cuda_mb']:6.0f} / {p['peak_cuda_mb']:6.0f}" if "peak_cuda_mb" in a
+           else f"peak_rss_mb {row['peak_rss_mb']:6.0f} (both)")
+    return (f"{family:<21} autoenc {a['samples_per_s']:9.0f}/s  plain {p['samples_per_s']:9.0f}/s"
+            f"  ratio {row['ratio']:.3f} (cpu {row['ratio_cpu']:.3f})  {mem}"
+            f"  startup {a['startup_s']:.2f}s / {p['startup_s']:.2f}s")
 
 
 if __name__ == "__main__":

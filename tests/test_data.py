@@ -28,7 +28,7 @@ def test_fashion_mnist_splits_and_batches_are_unit_floats(shared_data):
     dm = IDX(root=str(shared_data), name="FashionMNIST", val_fraction=5000 / 60000)
     sizes = {k: len(v[0]) for k, v in dm.splits.items()}
     assert sizes == {"train": 55000, "val": 5000, "test": 10000} and dm.shape == (1, 28, 28)
-    x, y = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())))
+    [(x, y)] = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())))  # a group of one batch
     assert x.dtype == torch.float32 and x.shape == (128, 1, 28, 28) and 0 <= x.min() and x.max() <= 1
     assert x.max() == 1.0 and y.dtype == torch.int64
 

@@ -104,7 +104,7 @@ def test_cli_run_writes_every_result_key_pictures_and_tensorboard_tags(run):
     assert (run_dir / "latent_scatter.png").stat().st_size > 0 and (run_dir / "samples.png").stat().st_size > 0
     tags = tb_tags(run_dir)
     assert {"val/samples", "val/latent_manifold", "val/reconstructions"} <= tags["images"]
-    assert {"val/kl", "val/nelbo", "val/recon", "val/active_units", "train/beta"} <= tags["scalars"]
+    assert {"val/kl", "val/nelbo", "val/recon", "val/active_units", "train/beta_step"} <= tags["scalars"]
 
 
 def test_logged_test_figures_match_an_independent_recomputation(run):
@@ -167,7 +167,7 @@ def test_dynamic_binarization_and_kl_warmup(run):
 
     class Record(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            seen["train"].append(batch[0].clone())
+            seen["train"].append(batch[0][0].clone())  # the first (x, y) of the call's group
             seen["beta"].append(pl_module.beta_now())
 
         def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
