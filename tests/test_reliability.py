@@ -32,6 +32,8 @@ def one_line_error(proc) -> str:
     (["model.latent_dim=0"], "model.latent_dim=0 is invalid: it must be a positive integer"),
     (["noise=masking", "noise.p=1.5"], "noise.p=1.5 is invalid: it must be a fraction in [0, 1]"),
     (["model=vae", "model.beta=-1"], "model.beta=-1 is invalid"),
+    (["data.steps_per_call=0"], "data.steps_per_call=0 is invalid"),
+    (["+trainer.gradient_clip_val=1.0"], "trainer.gradient_clip_val=1.0 is invalid: it must be unset: clip with model.grad_clip"),
     (["penalty=topk", "penalty.k=99"], "penalty.k=99 is invalid: it must be an integer from 1 to model.latent_dim"),
     (["data.batch_size=0"], "data.batch_size=0 is invalid"),
     (["data=folder"], "Missing mandatory value: data.path"),
@@ -101,6 +103,23 @@ def test_non_finite_loss_stops_with_the_step(tmp_path):
     assert "the training loss became nan at step" in lines[0] or "the training loss became inf at step" in lines[0]
     # checked once per group of 3 steps, the message still names the first bad step
     assert lines[1] == lines[0].replace(str(tmp_path / "1"), str(tmp_path / "3"))
+
+
+def test_grad_clip_bounds_the_step(tmp_path):
+    """With SGD at lr 1 the one step's parameter change is the clipped gradient: its norm is the clip."""
+    import lightning.pytorch as pl
+
+    from autoenc.train import build
+
+    clip = 1e-3
+    train_run(tmp_path, "model.optimizer._target_=torch.optim.SGD", "model.optimizer.lr=1.0", "model.scheduler=null",
+              f"model.grad_clip={clip}", "trainer.limit_train_batches=1")
+    cfg = OmegaConf.load(tmp_path / ".hydra" / "config.yaml")
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # as train() does: the same initial weights
+    _, model = build(cfg)
+    after = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    change = torch.cat([(after[k] - v).flatten() for k, v in model.state_dict().items()]).norm()
+    assert change == pytest.approx(clip, rel=1e-3)
 
 
 def test_same_seed_same_results(tmp_path, trained):
