@@ -74,9 +74,9 @@ class SafetyNet(Callback):
         import torch
 
         losses = outputs["losses"]  # one per optimizer step of the call: checked together, one sync
-        bad = (~torch.isfinite(losses)).nonzero()
-        if len(bad):
-            first = int(bad[0])
+        finite = torch.isfinite(losses)
+        if not finite.all():
+            first = int(finite.int().argmin())  # the first non-finite step of the call
             step = trainer.global_step - len(losses) + first + 1
             kept = f"the last good checkpoint is kept: {self.last}" if self.last.is_file() else "no checkpoint was saved yet"
             raise UserError(f"the training loss became {losses[first].item()} at step {step} (epoch "

@@ -249,8 +249,8 @@ def main(argv=None) -> dict:
     rows, first_step = {}, None
     for family in args.families:
         row = rows[family] = run_family(args, family)
-        first_step = first_step or row.pop("since_process_start")
-        row.pop("since_process_start", None)
+        since_process_start = row.pop("since_process_start")
+        first_step = first_step or since_process_start
         print(format_row(family, row), flush=True)
     # again as one block: the progress bars of the autoenc runs interleave with the lines above
     print("\n".join(format_row(f, r) for f, r in rows.items()))
