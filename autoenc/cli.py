@@ -67,6 +67,7 @@ def _task(command: str):
         _relaunchable(command)
         try:
             validate(cfg)
+            set_threads(cfg.get("threads"))
             return _objective(cfg, getattr(importlib.import_module(module), function)(cfg))
         except (UserError, InstantiationException, OmegaConfBaseException) as e:
             if _full_error():
@@ -83,6 +84,14 @@ def _task(command: str):
             _end_distributed(env)
 
     return task
+
+
+def set_threads(threads) -> None:
+    """torch's intra-op threads for this command (`threads=`); null keeps torch's default."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _in_sweep() -> bool:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from autoenc.errors import UserError
+from autoenc.seeds import derive
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -34,7 +35,7 @@ class TensorBatches:
         # gradient. Up to world − 1 examples at the end are dropped, never repeated.
         n = len(self.x)
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch())
+            g = torch.Generator().manual_seed(derive(self.seed, "shuffle", self.epoch()))  # the same on every rank
             order = torch.randperm(n, generator=g)
         else:
             order = torch.arange(n)
@@ -45,39 +46,16 @@ class TensorBatches:
             yield self.x[idx], self.y[idx]
 
 
-class Grouped:
-    """Lists of up to `steps` consecutive batches: one training_step call runs one optimizer step per
-    batch, so Lightning's fixed per-call cost is paid once per `steps` steps (Keras calls this
-    steps_per_execution). The batches, their order and the training are those of steps=1."""
-
-    def __init__(self, batches: TensorBatches, steps: int):
-        self.batches, self.steps = batches, steps
-
-    def __len__(self) -> int:
-        return -(-len(self.batches) // self.steps)
-
-    def __iter__(self):
-        group = []
-        for batch in self.batches:
-            group.append(batch)
-            if len(group) == self.steps:
-                yield group
-                group = []
-        if group:
-            yield group
-
-
 class TensorDataModule(pl.LightningDataModule):
     """Base data module: `load()` returns uint8/float image tensors (N, C, H, W) and labels."""
 
     def __init__(self, root: str = "data", batch_size: int = 128, val_fraction: float = 0.1,
                  binarize: str | None = None, split_seed: int = 0, seed: int = 0,
-                 on_device: bool = True, steps_per_call: int = 1):
+                 on_device: bool = True):
         super().__init__()
         self.root = Path(root).expanduser()
         self.batch_size, self.val_fraction, self.binarize = batch_size, val_fraction, binarize
         self.split_seed, self.seed, self.on_device = split_seed, seed, on_device
-        self.steps_per_call = steps_per_call
         self._binarizer: tuple[int, torch.Generator] | None = None
         self._splits: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
@@ -121,7 +99,7 @@ class TensorDataModule(pl.LightningDataModule):
         return TensorBatches(x, y, self.batch_size, shuffle, self.seed, epoch, rank, world)
 
     def train_dataloader(self):
-        return Grouped(self._batches("train", shuffle=True), self.steps_per_call)
+        return self._batches("train", shuffle=True)
 
     def val_dataloader(self):
         return self._batches("val", shuffle=False)
@@ -130,8 +108,6 @@ class TensorDataModule(pl.LightningDataModule):
         return self._batches("test", shuffle=False)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
-        if isinstance(batch, list):  # a training group: one (x, y) per optimizer step
-            return [self.on_after_batch_transfer(b) for b in batch]
         x, y = batch
         x = to_unit(x)
         if self.binarize == "dynamic" and self.trainer is not None and self.trainer.training:
@@ -139,10 +115,9 @@ class TensorDataModule(pl.LightningDataModule):
         return x, y
 
     def _binarizing(self, device) -> torch.Generator:
-        """The dynamic binarization's own generator, seeded by (seed, epoch, rank) like the module's
-        randomness, so that neither depends on how the other's draws interleave."""
+        """The dynamic binarization's own stream of (seed, epoch, rank), apart from the module's."""
         t = self.trainer
-        key = hash((self.seed, t.current_epoch, t.global_rank)) % 2**62
+        key = derive(self.seed, "binarize", t.current_epoch, t.global_rank)
         if self._binarizer is None or self._binarizer[0] != key or self._binarizer[1].device != device:
             self._binarizer = key, torch.Generator(device=device).manual_seed(key)
         return self._binarizer[1]

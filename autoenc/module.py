@@ -1,61 +1,23 @@
-"""AutoencoderModule: x ─corrupt→ x̃ ─encode→ z ─decode→ x̂; loss = recon(x̂, x) + penalty."""
+"""AutoencoderModule: x ─noise→ x̃ ─encoder→ h ─bottleneck→ z ─decoder→ logits ─likelihood→ x̂."""
 
 from __future__ import annotations
 
+import inspect
+import logging
 import math
-from dataclasses import dataclass
 from functools import partial
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from autoenc.penalties import Penalty, Sparsity
+from autoenc.bottlenecks import Latent, Linear
+from autoenc.errors import UserError
+from autoenc.likelihoods import Bernoulli
+from autoenc.penalties import Penalty
+from autoenc.seeds import derive
 
-
-@dataclass
-class Latent:
-    """The encoder's output: the code z and, for a Gaussian posterior, its mean and log-variance."""
-
-    z: torch.Tensor
-    mean: torch.Tensor | None = None
-    logvar: torch.Tensor | None = None
-
-    @property
-    def code(self) -> torch.Tensor:
-        """The deterministic code: the posterior mean where there is one."""
-        return self.z if self.mean is None else self.mean
-
-
-class Bernoulli(nn.Module):
-    """p(x|z) = Bernoulli(sigmoid(logits)); also the usual BCE loss for [0, 1] pixels."""
-
-    def __init__(self, sigma: float | None = None):
-        super().__init__()
-
-    def nll(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """−log p(x|z) per example, summed over pixels (nats)."""
-        return F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
-
-    def mean(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(logits)
-
-
-class Gaussian(Bernoulli):
-    """p(x|z) = N(sigmoid(logits), σ²); σ fixed by `sigma`, or learned (one scalar) when None."""
-
-    def __init__(self, sigma: float | None = None):
-        super().__init__()
-        log_sigma = torch.tensor(math.log(sigma) if sigma else 0.0)
-        self.log_sigma = nn.Parameter(log_sigma) if sigma is None else None
-        if sigma is not None:
-            self.register_buffer("fixed_log_sigma", log_sigma)
-
-    def nll(self, logits, x):
-        log_sigma = self.log_sigma if self.log_sigma is not None else self.fixed_log_sigma
-        z2 = ((x - torch.sigmoid(logits)) * torch.exp(-log_sigma)) ** 2
-        return (0.5 * z2 + log_sigma + 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
+log = logging.getLogger("autoenc")
 
 
 def psnr(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -66,29 +28,24 @@ def psnr(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (-10 * torch.log10(mse.clamp_min(1e-10))).mean()
 
 
-LIKELIHOODS = {"bernoulli": Bernoulli, "gaussian": Gaussian}
-STAGES = ("train", "val", "test")
-
-
 class AutoencoderModule(pl.LightningModule):
-    """The one pipeline for every family; noise, penalty and bottleneck are its seams."""
+    """The one pipeline for every family; noise, bottleneck, penalty and likelihood are its seams.
+    loss = −log p(x | z) + the bottleneck's term (β·KL for a Gaussian) + penalty, x the clean input."""
 
-    head_mult = 1  # encoder head width = latent_dim · head_mult (2 for a Gaussian posterior)
-
-    def __init__(self, net, shape, latent_dim: int = 16, likelihood: str = "bernoulli",
-                 sigma: float | None = None, noise=None, penalty: Penalty | None = None,
-                 optimizer=None, scheduler=None, noise_seed: int = 1234, seed: int = 0,
-                 compile: bool = False, grad_clip: float | None = None, **_):
+    def __init__(self, net, shape, bottleneck=None, likelihood=None, latent_dim: int = 16, noise=None,
+                 penalty: Penalty | None = None, optimizer=None, scheduler=None, lr_schedule=None,
+                 iwae_samples: int = 0, iwae_chunk: int = 100, seed: int = 0, noise_seed: int = 1234,
+                 compile: bool = False):
         super().__init__()
-        # training_step runs the optimizer steps itself: one per batch of the group it is given
-        self.automatic_optimization = False
-        self.grad_clip = grad_clip
         self.shape, self.latent_dim = tuple(shape), latent_dim
-        self.encoder, self.decoder = net(shape=self.shape, latent_dim=latent_dim, head_mult=self.head_mult)
-        self.likelihood = LIKELIHOODS[likelihood](sigma)
+        self.bottleneck = bottleneck if bottleneck is not None else Linear()
+        self.likelihood = likelihood if likelihood is not None else Bernoulli()
+        self.encoder, self.decoder = net(shape=self.shape, latent_dim=latent_dim,
+                                         head_dim=self.bottleneck.head_dim(latent_dim))
         self.noise, self.penalty = noise, penalty or Penalty()
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-3)
-        self.scheduler_factory = scheduler
+        self.scheduler_factory, self.lr_schedule = scheduler, dict(lr_schedule or {})
+        self.iwae_samples, self.iwae_chunk = iwae_samples, iwae_chunk
         self.noise_seed, self.seed = noise_seed, seed
         self.run_config: dict | None = None  # the resolved run config, stored in checkpoints
         self._generators: dict[str, torch.Generator] = {}
@@ -101,14 +58,14 @@ class AutoencoderModule(pl.LightningModule):
 
     # ---- the pipeline -------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> Latent:
-        return Latent(self.penalty.code(self.encoder(x)))
+        return self.bottleneck(self.encoder(x))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Logits; the likelihood owns the output activation."""
         return self.decoder(z)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Reconstruction in [0, 1] from the deterministic code."""
+        """Reconstruction from the deterministic code (the posterior mean where there is one)."""
         return self.likelihood.mean(self.decode(self.encode(x).code))
 
     def corrupt(self, x: torch.Tensor, stage: str = "train") -> torch.Tensor:
@@ -116,27 +73,30 @@ class AutoencoderModule(pl.LightningModule):
             return x
         g = self._generators.get(stage)
         if g is None or g.device != x.device:
-            # Training noise follows the run's seed; val/test noise restarts from a fixed seed each
-            # epoch so that their curves compare like with like.
-            seed = torch.randint(2**62, ()).item() if stage == "train" else self.noise_seed
+            # Training noise has its own stream per (seed, epoch, rank); val/test noise restarts from
+            # noise_seed each epoch, so that their curves compare like with like across epochs and runs.
+            seed = (derive(self.seed, "noise", self.current_epoch, self.global_rank) if stage == "train"
+                    else derive(self.noise_seed, f"noise/{stage}", 0, self.global_rank))
             g = self._generators[stage] = torch.Generator(device=x.device).manual_seed(seed)
         return self.noise(x, g)
 
-    def loss_terms(self, x: torch.Tensor, x_tilde: torch.Tensor):
-        """Loss and its parts (per-example means); the reconstruction target is the clean x."""
+    def loss_terms(self, x: torch.Tensor, x_tilde: torch.Tensor, progress: float | None = None):
+        """Loss and its parts (per-example sums, batch means); the reconstruction target is the clean x.
+        `progress`: epochs of training done (for the bottleneck's warm-up), None outside training."""
         latent = self.encode(x_tilde)
         logits = self.decode(latent.z)
         recon = self.likelihood.nll(logits, x).mean()
-        penalty, stats = self.penalty(latent.z, x_tilde, self.encoder)
-        return {"loss": recon + penalty, "recon": recon, "penalty": penalty, **stats}, latent, logits
+        extra, terms = self.bottleneck.terms(latent, recon, progress)
+        penalty, stats = self.penalty(latent.code, x_tilde, self.encoder, self.bottleneck)
+        return {"loss": recon + extra + penalty, "recon": recon, "penalty": penalty, **terms, **stats}, latent, logits
 
-    def _shared_step(self, batch, stage: str):
+    def _shared_step(self, batch, stage: str, progress: float | None = None):
         x, _ = batch
         x_tilde = self.corrupt(x, stage)
-        terms, latent, logits = self.loss_terms(x, x_tilde)
+        terms, latent, logits = self.loss_terms(x, x_tilde, progress)
         if stage != "train":
-            if latent.mean is not None:
-                logits = self.decode(latent.mean)
+            if latent.z is not latent.code:  # evaluation reconstructs from the deterministic code
+                logits = self.decode(latent.code)
             self._accumulate(latent)
         x_hat = self.likelihood.mean(logits.detach())
         terms["mse"] = F.mse_loss(x_hat, x)
@@ -145,24 +105,15 @@ class AutoencoderModule(pl.LightningModule):
                 terms |= {"psnr_noisy": psnr(x_tilde, x), "psnr_denoised": psnr(x_hat, x)}
             for k, v in terms.items():
                 self.log(f"{stage}/{k}", v.detach(), batch_size=len(x), sync_dist=True, prog_bar=k == "loss")
-        return terms, latent
+        return terms
 
-    def training_step(self, batches, batch_idx):
-        """One optimizer step per batch of the group (data.steps_per_call); returns their losses."""
-        opt, losses = self.optimizers(), []
-        for batch in batches:
-            if 0 <= self.trainer.max_steps <= self.global_step:
-                break
-            terms, _ = self._shared_step(batch, "train")
-            opt.zero_grad(set_to_none=True)
-            self.manual_backward(terms["loss"])
-            if self.grad_clip:
-                self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
-            opt.step()
-            losses.append(self._log_train(terms, len(batch[0])))
-        return {"losses": torch.stack(losses)}
+    def training_step(self, batch, batch_idx):
+        progress = self.current_epoch + batch_idx / max(1, self.trainer.num_training_batches)
+        terms = self._shared_step(batch, "train", progress)
+        self._log_train(terms, len(batch[0]))
+        return terms["loss"]
 
-    def _log_train(self, terms: dict[str, torch.Tensor], n: int) -> torch.Tensor:
+    def _log_train(self, terms: dict[str, torch.Tensor], n: int) -> None:
         """Keeps epoch sums on the device and writes step values every `log_every_n_steps` steps; one
         `self.log` per term and step costs more than a small model's step (scripts/benchmark.py)."""
         values = torch.stack([v.detach().float() for v in terms.values()])
@@ -175,10 +126,10 @@ class AutoencoderModule(pl.LightningModule):
         every = self.trainer.log_every_n_steps
         if every and self.global_step % every == 0:
             step = {f"train/{k}_step": v for k, v in zip(terms, values.tolist())}
+            step["train/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
             for logger in self.loggers:
                 logger.log_metrics(step, step=self.global_step)
             self.log("train/loss_step", step["train/loss_step"], logger=False, prog_bar=True)
-        return values[0]
 
     def on_train_epoch_end(self):
         acc = self._train_epoch
@@ -186,59 +137,71 @@ class AutoencoderModule(pl.LightningModule):
             for k, v in zip(acc["keys"], acc["sum"] / acc["n"]):
                 self.log(f"train/{k}_epoch", v, prog_bar=k == "loss")
         acc.clear()
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
-        self.log_step()
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
-
-    def log_step(self) -> None:
-        """Puts epoch-level values at the optimizer step on TensorBoard's x-axis, like the step values
-        (Lightning's default counts training_step calls, fewer when data.steps_per_call > 1)."""
-        self.log("step", float(self.global_step))
 
     def validation_step(self, batch, batch_idx):
         self._shared_step(batch, "val")
 
     def test_step(self, batch, batch_idx):
         self._shared_step(batch, "test")
+        if self.bottleneck.stochastic and self.iwae_samples:
+            x = batch[0]  # the clean x: with noise= any q(z|x) is still a valid proposal
+            nll = -self.log_likelihood(x, self.iwae_samples).mean()
+            self.log("test/nll_iwae", nll, batch_size=len(x), sync_dist=True)
 
-    # ---- whole-split latent statistics (dead units, active units) ---------------------------
+    # ---- what a stochastic bottleneck brings: prior samples and the IWAE bound -------------
+    @torch.no_grad()
+    def log_likelihood(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """IWAE estimate of log p(x) per example with k importance samples (Burda et al. 2015, eq. 8)."""
+        h = self.encoder(x).float()  # float32 even under bf16 autocast
+        chunks = []
+        for start in range(0, k, self.iwae_chunk):
+            n = min(self.iwae_chunk, k - start)
+            z, log_w = self.bottleneck.importance_samples(h, n)  # (n, B, d), log p(z) − log q(z|x)
+            logits = self.decode(z.flatten(0, 1)).float()
+            log_px = -self.likelihood.nll(logits, x.repeat(n, *[1] * (x.dim() - 1))).view(n, -1)
+            chunks.append(log_px + log_w)
+        return torch.logsumexp(torch.cat(chunks), 0) - math.log(k)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n examples decoded from prior samples z ~ p(z) (a stochastic bottleneck only)."""
+        if not self.bottleneck.stochastic:
+            raise UserError(f"bottleneck={type(self.bottleneck).__name__.lower()} has no prior to sample from; "
+                            "`sample` needs a model trained with bottleneck=gaussian (model=vae); "
+                            "try reconstruct or interpolate")
+        z = self.bottleneck.prior_sample(n, self.latent_dim, generator, self.device)
+        return self.likelihood.mean(self.decode(z))
+
+    # ---- whole-split code statistics (dead units, active units) -----------------------------
     def _accumulate(self, latent: Latent) -> None:
         code = latent.code.detach().float()
         parts = {"n": torch.tensor(float(len(code)), device=code.device), "sum": code.sum(0),
                  "sq": code.pow(2).sum(0)}
-        if isinstance(self.penalty, Sparsity):
-            parts["active"] = self.penalty.active(latent.z).float().sum(0)
+        active = self.bottleneck.active(code)
+        if active is not None:
+            parts["active"] = active.float().sum(0)
         for k, v in parts.items():
             self._stats[k] = self._stats[k] + v if k in self._stats else v
-
-    def split_figures(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Figures over a whole split from summed latent statistics."""
-        if "active" not in stats:
-            return {}
-        freq = stats["active"] / stats["n"]
-        return {"dead_fraction": (freq == 0).float().mean(), "activation_frequency": freq}
 
     def _end_epoch(self, stage: str) -> None:
         stats = {k: self.trainer.strategy.reduce(v, reduce_op="sum") for k, v in self._stats.items()}
         self._stats = {}
         if not stats or self.trainer.sanity_checking:
             return
-        self.epoch_figures = self.split_figures(stats)
+        self.epoch_figures = self.bottleneck.split_figures(stats)
         self.log_dict({f"{stage}/{k}": v for k, v in self.epoch_figures.items() if v.dim() == 0})
-        self.log_step()
 
     def on_train_epoch_start(self):
-        # Each epoch's randomness (sampling, training noise) is a function of (seed, epoch, rank), so
-        # a run resumed from an epoch's checkpoint continues exactly as the uninterrupted run would.
-        torch.manual_seed(hash((self.seed, self.current_epoch, self.global_rank)) % 2**63)
+        # The model's own randomness (reparameterization) is a function of (seed, epoch, rank), so a
+        # run resumed from an epoch's checkpoint continues exactly as the uninterrupted run would.
+        torch.manual_seed(derive(self.seed, "model", self.current_epoch, self.global_rank))
         self._generators.pop("train", None)
 
     def on_validation_epoch_start(self):
         self._stats, _ = {}, self._generators.pop("val", None)
 
     def on_test_epoch_start(self):
+        torch.manual_seed(derive(self.seed, "test", 0, self.global_rank))  # the same figures every time
         self._stats, _ = {}, self._generators.pop("test", None)
 
     def on_validation_epoch_end(self):
@@ -252,7 +215,21 @@ class AutoencoderModule(pl.LightningModule):
         opt = self.optimizer_factory(self.parameters())
         if self.scheduler_factory is None:
             return opt
-        return {"optimizer": opt, "lr_scheduler": self.scheduler_factory(opt)}  # stepped each epoch
+        config = {"interval": "epoch", **self.lr_schedule}
+        factory = self.scheduler_factory
+        # A length the config leaves unset (cosine's T_max, a linear decay's total_iters) is the run's.
+        given = getattr(factory, "keywords", {})
+        missing = [k for k in ("T_max", "total_iters", "total_steps")
+                   if k in inspect.signature(getattr(factory, "func", factory)).parameters and given.get(k) is None]
+        if missing:
+            t = self.trainer
+            length = t.estimated_stepping_batches if config["interval"] == "step" else t.max_epochs
+            if length is None or length < 1 or math.isinf(length):
+                log.warning("the learning-rate schedule needs the run's length (trainer.max_epochs or "
+                            "trainer.max_steps); training at a constant rate instead")
+                return opt
+            factory = partial(factory, **{k: int(length) for k in missing})
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": factory(opt), **config}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.run_config is not None:

@@ -12,15 +12,15 @@ def _act(name: str) -> nn.Module:
     return getattr(nn, name)()
 
 
-def mlp(shape: Sequence[int], latent_dim: int, head_mult: int = 1,
+def mlp(shape: Sequence[int], latent_dim: int, head_dim: int | None = None,
         hidden: Sequence[int] = (256, 128), activation: str = "ReLU") -> tuple[nn.Module, nn.Module]:
-    """Fully connected encoder (input → hidden → latent·head_mult) and its mirror decoder."""
+    """Fully connected encoder (input → hidden → head_dim, default latent_dim) and its mirror decoder."""
     d = math.prod(shape)
     widths = [d, *hidden]
     enc = [nn.Flatten()]
     for a, b in zip(widths, widths[1:]):
         enc += [nn.Linear(a, b), _act(activation)]
-    enc.append(nn.Linear(widths[-1], latent_dim * head_mult))
+    enc.append(nn.Linear(widths[-1], head_dim or latent_dim))
     dec_widths = [latent_dim, *reversed(hidden)]
     dec = []
     for a, b in zip(dec_widths, dec_widths[1:]):
@@ -29,9 +29,10 @@ def mlp(shape: Sequence[int], latent_dim: int, head_mult: int = 1,
     return nn.Sequential(*enc), nn.Sequential(*dec)
 
 
-def conv(shape: Sequence[int], latent_dim: int, head_mult: int = 1,
+def conv(shape: Sequence[int], latent_dim: int, head_dim: int | None = None,
          channels: Sequence[int] = (32, 64), activation: str = "ReLU") -> tuple[nn.Module, nn.Module]:
-    """Stride-2 3×3 convolutions (each halves H, W, rounding up) and transposed mirrors."""
+    """Stride-2 3×3 convolutions (each halves H, W, rounding up) to a head of head_dim (default
+    latent_dim) units, and transposed mirrors."""
     c, h, w = shape
     sizes = [(h, w)]
     for _ in channels:
@@ -41,7 +42,7 @@ def conv(shape: Sequence[int], latent_dim: int, head_mult: int = 1,
     for ch in channels:
         enc += [nn.Conv2d(prev, ch, 3, stride=2, padding=1), _act(activation)]
         prev = ch
-    enc += [nn.Flatten(), nn.Linear(flat, latent_dim * head_mult)]
+    enc += [nn.Flatten(), nn.Linear(flat, head_dim or latent_dim)]
     dec = [nn.Linear(latent_dim, flat), _act(activation), nn.Unflatten(1, (channels[-1], *sizes[-1]))]
     outs = [*reversed(channels[:-1]), c]
     for i, ch in enumerate(outs):

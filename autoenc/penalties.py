@@ -1,69 +1,57 @@
-"""Latent penalties: callables `(z, x_tilde, encoder) -> (weighted term, stats)`, with a code map."""
+"""Penalties: regularizers of the deterministic code, `(code, x_tilde, encoder, bottleneck) -> (term, stats)`.
+
+Every term is a per-example sum (over units, or over units and pixels) averaged over the batch, like
+the reconstruction, so a weight keeps its meaning when the latent size changes.
+"""
 
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 from torch import nn
 
 from autoenc.errors import UserError
 
-Encode = Callable[[torch.Tensor], torch.Tensor]
-
 
 class Penalty:
-    """Base: no term; `code` maps the encoder's head output to the latent code (identity here)."""
+    """No penalty (penalty=none); the base of the others."""
+
+    needs = "any code"  # what the penalty needs of the bottleneck, in words (for refusals)
 
     def __init__(self, weight: float = 0.0):
         self.weight = weight
 
-    def code(self, h: torch.Tensor) -> torch.Tensor:
-        return h
+    def accepts(self, bottleneck) -> bool:
+        """Whether this penalty makes sense on the codes `bottleneck` produces."""
+        return True
 
-    def __call__(self, z, x_tilde, encoder: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return z.new_zeros(()), {}
+    def __call__(self, code, x_tilde, encoder: nn.Module, bottleneck) -> tuple[torch.Tensor, dict]:
+        return code.new_zeros(()), {}
 
 
-class Sparsity(Penalty):
-    """A sparsity penalty; a unit is active on an example when its code exceeds `threshold`."""
+class L1(Penalty):
+    """λ · Σ_j |z_j| per example: drives codes to exactly zero on a ReLU bottleneck (sparse AE)."""
 
-    def __init__(self, weight: float = 0.0, threshold: float = 0.0):
+    def __init__(self, weight: float = 0.01):
         super().__init__(weight)
-        self.threshold = threshold
 
-    def active(self, z: torch.Tensor) -> torch.Tensor:
-        return z.abs() > self.threshold
-
-    def term(self, z: torch.Tensor) -> torch.Tensor:
-        return z.new_zeros(())
-
-    def __call__(self, z, x_tilde, encoder):
-        return self.weight * self.term(z), {"l0": self.active(z).sum(1).float().mean()}
+    def __call__(self, code, x_tilde, encoder, bottleneck):
+        return self.weight * code.abs().sum(1).mean(), {}
 
 
-class L1(Sparsity):
-    """λ · mean |z| on ReLU codes, which lets units be exactly zero."""
+class KL(Penalty):
+    """β · Σ_j KL(ρ ‖ ρ̂_j), ρ̂_j the batch-mean rate of unit j (Ng's sparse autoencoder notes)."""
 
-    def code(self, h):
-        return torch.relu(h)
+    needs = "rates in [0, 1]"
 
-    def term(self, z):
-        return z.abs().mean()
-
-
-class KL(Sparsity):
-    """β · Σ_j KL(ρ ‖ ρ̂_j) on sigmoid units, ρ̂_j the batch-mean activation (Ng's sparse AE notes)."""
-
-    def __init__(self, weight: float = 1.0, rho: float = 0.05, threshold: float = 0.1):
-        super().__init__(weight, threshold)
+    def __init__(self, weight: float = 1.0, rho: float = 0.05):
+        super().__init__(weight)
         self.rho = rho
 
-    def code(self, h):
-        return torch.sigmoid(h)
+    def accepts(self, bottleneck):
+        return not bottleneck.stochastic and bottleneck.bounds[0] >= 0 and bottleneck.bounds[1] <= 1
 
-    def term(self, z):
-        return kl_sparsity(z.mean(0), self.rho)
+    def __call__(self, code, x_tilde, encoder, bottleneck):
+        return self.weight * kl_sparsity(code.mean(0), self.rho), {}
 
 
 def kl_sparsity(rho_hat: torch.Tensor, rho: float) -> torch.Tensor:
@@ -72,47 +60,31 @@ def kl_sparsity(rho_hat: torch.Tensor, rho: float) -> torch.Tensor:
     return (rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))).sum()
 
 
-class TopK(Sparsity):
-    """Keeps the k largest codes of each example and zeroes the rest (Makhzani & Frey 2013); no term."""
-
-    def __init__(self, k: int = 8):
-        super().__init__(0.0, 0.0)
-        self.k = k
-
-    def code(self, h):
-        top = h.topk(self.k, dim=1)
-        return torch.zeros_like(h).scatter(1, top.indices, top.values)
-
-    def active(self, z):
-        return z != 0
-
-
 class Contractive(Penalty):
     """λ · ‖∂z/∂x̃‖²_F per example, averaged (Rifai et al. 2011), computed by `method`."""
 
-    def __init__(self, weight: float = 0.1, method: str = "auto", projections: int = 1,
-                 sigmoid: bool = True):
+    needs = "a deterministic code"
+
+    def __init__(self, weight: float = 0.1, method: str = "auto", projections: int = 1):
         super().__init__(weight)
-        self.method, self.projections, self.sigmoid = method, projections, sigmoid
+        self.method, self.projections = method, projections
 
-    def code(self, h):
-        return torch.sigmoid(h) if self.sigmoid else h
+    def accepts(self, bottleneck):
+        return not bottleneck.stochastic
 
-    def __call__(self, z, x_tilde, encoder):
-        method = self.method
+    def __call__(self, code, x_tilde, encoder, bottleneck):
         linear = one_linear_layer(encoder)
+        method = self.method if self.method != "auto" else "analytic" if linear is not None else "estimate"
 
         def encode(x):
-            return self.code(encoder(x))
+            return bottleneck(encoder(x)).code
 
-        if method == "auto":
-            method = "analytic" if linear is not None and self.sigmoid else "estimate"
         with torch.enable_grad():
             if method == "analytic":
-                if linear is None or not self.sigmoid:
-                    raise UserError("penalty.method=analytic needs a one-layer sigmoid encoder "
-                                     "(net.hidden=[]); use exact or estimate")
-                sq = analytic_jacobian_sq(z, linear.weight)
+                if linear is None:
+                    raise UserError("penalty.method=analytic needs a one-layer encoder (net=mlp_shallow); "
+                                    "use penalty.method=exact or estimate")
+                sq = analytic_jacobian_sq(bottleneck.slope(code), linear.weight)
             elif method == "exact":
                 sq = exact_jacobian_sq(encode, x_tilde)
             else:
@@ -126,12 +98,13 @@ def one_linear_layer(encoder: nn.Module) -> nn.Linear | None:
     return layers[0] if len(layers) == 1 and isinstance(layers[0], nn.Linear) else None
 
 
-def analytic_jacobian_sq(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Σ_j (h_j(1−h_j))² ‖W_j‖² for h = sigmoid(Wx + b), per example (Rifai et al. 2011, eq. 7)."""
-    return ((h * (1 - h)) ** 2 * (weight ** 2).sum(1)).sum(1)
+def analytic_jacobian_sq(slope: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Σ_j s_j² ‖W_j‖² per example for z = s(Wx + b) elementwise, s_j = ∂z_j/∂h_j (Rifai et al. 2011,
+    eq. 7 for a sigmoid, where s_j = z_j(1 − z_j))."""
+    return (slope ** 2 * (weight ** 2).sum(1)).sum(1)
 
 
-def exact_jacobian_sq(encode: Encode, x: torch.Tensor) -> torch.Tensor:
+def exact_jacobian_sq(encode, x: torch.Tensor) -> torch.Tensor:
     """‖J‖²_F per example from the full Jacobian (torch.func), for any encoder."""
     from torch.func import jacrev, vmap
 
@@ -139,7 +112,7 @@ def exact_jacobian_sq(encode: Encode, x: torch.Tensor) -> torch.Tensor:
     return jac.flatten(1).pow(2).sum(1)
 
 
-def estimated_jacobian_sq(encode: Encode, x: torch.Tensor, projections: int = 1) -> torch.Tensor:
+def estimated_jacobian_sq(encode, x: torch.Tensor, projections: int = 1) -> torch.Tensor:
     """Unbiased ‖J‖²_F = E_v ‖Jᵀv‖², v ~ N(0, I): one vector-Jacobian product per projection."""
     x = x.detach().requires_grad_(True)
     z = encode(x)

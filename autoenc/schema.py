@@ -1,6 +1,10 @@
-"""The value rules of a composed config, checked once before anything is built."""
+"""What a composed config must satisfy, checked once before anything is built: known keys, valid
+values, and a penalty that suits the bottleneck."""
 
 from __future__ import annotations
+
+import difflib
+import inspect
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -21,21 +25,28 @@ def _one_of(*choices):
     return lambda v, cfg: v in choices
 
 
+def _or_null(rule):
+    return lambda v, cfg: v is None or rule(v, cfg)
+
+
 _ABSENT = object()
+# The groups whose nodes are checked for unknown keys (loggers and callbacks pass extra keys on).
+GROUPS = ("model", "data", "net", "noise", "bottleneck", "penalty", "likelihood", "trainer")
 
 # key: (rule, what a valid value is). Keys absent from a config (e.g. noise.p without noise) are skipped.
 RULES = {
+    "seed": (_int(0), "an integer ≥ 0"),
+    "threads": (_or_null(_int(1)), "null (torch's default) or a positive integer"),
     "model.latent_dim": (_int(1), "a positive integer"),
-    "model.beta": (_num(0), "a number ≥ 0"),
-    "model.warmup_epochs": (_num(0), "a number ≥ 0"),
-    "model.likelihood": (_one_of("bernoulli", "gaussian"), "bernoulli or gaussian"),
-    "model.sigma": (lambda v, cfg: v is None or _num(0, open_lo=True)(v, cfg), "null (learned) or a number > 0"),
     "model.iwae_samples": (_int(0), "an integer ≥ 0"),
     "model.iwae_chunk": (_int(1), "a positive integer"),
     "model.optimizer.lr": (_num(0, open_lo=True), "a number > 0"),
-    "model.grad_clip": (lambda v, cfg: v is None or _num(0, open_lo=True)(v, cfg), "null or a number > 0"),
+    "model.lr_schedule.interval": (_one_of("step", "epoch"), "step or epoch"),
+    "bottleneck.beta": (_num(0), "a number ≥ 0"),
+    "bottleneck.warmup_epochs": (_num(0), "a number ≥ 0"),
+    "bottleneck.k": (_int(1, "model.latent_dim"), "an integer from 1 to model.latent_dim"),
+    "likelihood.sigma": (_or_null(_num(0, open_lo=True)), "null (learned) or a number > 0"),
     "data.batch_size": (_int(1), "a positive integer"),
-    "data.steps_per_call": (_int(1), "a positive integer"),
     "data.val_fraction": (_num(0, 1), "a fraction in [0, 1)"),
     "data.test_fraction": (_num(0, 1, open_lo=True), "a fraction in (0, 1)"),
     "data.binarize": (_one_of(None, "static", "dynamic"), "null, static or dynamic"),
@@ -45,13 +56,8 @@ RULES = {
     "noise.std": (_num(0), "a number ≥ 0"),
     "penalty.weight": (_num(0), "a number ≥ 0"),
     "penalty.rho": (_num(0, 1, open_lo=True), "a rate in (0, 1)"),
-    "penalty.k": (_int(1, "model.latent_dim"), "an integer from 1 to model.latent_dim"),
     "penalty.method": (_one_of("auto", "analytic", "exact", "estimate"), "auto, analytic, exact or estimate"),
     "penalty.projections": (_int(1), "a positive integer"),
-    # autoenc's training_step runs the optimizer itself (data.steps_per_call), so Lightning's own
-    # clipping and accumulation do not apply
-    "trainer.gradient_clip_val": (lambda v, cfg: v is None, "unset: clip with model.grad_clip"),
-    "trainer.accumulate_grad_batches": (lambda v, cfg: v == 1, "1: use a larger data.batch_size instead"),
     "trainer.max_epochs": (lambda v, cfg: v is None or v == -1 or _int(1)(v, cfg), "a positive integer (or -1)"),
     "eval.iwae_samples": (_int(0), "an integer ≥ 0"),
     "eval.probe_examples": (_int(1), "a positive integer"),
@@ -62,8 +68,64 @@ RULES = {
 
 
 def validate(cfg: DictConfig) -> None:
-    """Raises UserError naming the first key whose value breaks its rule, and what it must be."""
+    """Raises UserError for the first unknown key, broken value rule or unsuitable penalty."""
+    tree = OmegaConf.to_container(cfg, resolve=False)
+    for group in GROUPS:
+        check_keys(tree.get(group), group)
     for key, (ok, what) in RULES.items():
         value = OmegaConf.select(cfg, key, default=_ABSENT)
         if value is not _ABSENT and not ok(value, cfg):
             raise UserError(f"{key}={value!r} is invalid: it must be {what}; fix it on the command line")
+    if cfg.get("bottleneck") and cfg.get("penalty"):
+        check_pair(cfg.bottleneck, cfg.penalty)
+
+
+def settings(target: str) -> set[str] | None:
+    """The keyword arguments `target` (a class or function path) accepts; None if it takes any."""
+    from hydra.utils import get_object
+
+    obj = get_object(target)
+    names: set[str] = set()
+    for fn in [c.__init__ for c in obj.__mro__ if "__init__" in vars(c)] if inspect.isclass(obj) else [obj]:
+        params = inspect.signature(fn).parameters.values()
+        names |= {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            return names - {"self"}
+    return None
+
+
+def check_keys(node, path: str = "") -> None:
+    """Every key of every instantiated node (one with `_target_`) must be a setting of its target."""
+    if isinstance(node, list):
+        for i, v in enumerate(node):
+            check_keys(v, f"{path}[{i}]")
+        return
+    if not isinstance(node, dict):
+        return
+    target = node.get("_target_")
+    if path in GROUPS and node and target is None:
+        raise UserError(f"{path}.{next(iter(node))} is not a setting: this {path} choice has none")
+    valid = settings(target) if isinstance(target, str) and not target.startswith("${") else None
+    for key, value in node.items():
+        name = f"{path}.{key}" if path else str(key)
+        if valid is not None and not str(key).startswith("_") and key not in valid:
+            close = difflib.get_close_matches(str(key), sorted(valid), n=1)
+            hint = f"did you mean {path}.{close[0]}?" if close else f"its settings are: {', '.join(sorted(valid))}"
+            raise UserError(f"{name} is not a setting of {path} ({target}); {hint}")
+        check_keys(value, name)
+
+
+def check_pair(bottleneck_cfg, penalty_cfg) -> None:
+    """Refuses a penalty that needs what the bottleneck's codes are not, naming the bottlenecks that fit."""
+    from hydra.utils import instantiate
+
+    from autoenc.cli import CONFIGS
+
+    bottleneck, penalty = instantiate(bottleneck_cfg), instantiate(penalty_cfg)
+    if penalty.accepts(bottleneck):
+        return
+    fits = [f.stem for f in sorted((CONFIGS / "bottleneck").glob("*.yaml"))
+            if penalty.accepts(instantiate(OmegaConf.load(f)))]
+    name = type(bottleneck).__name__.lower()
+    raise UserError(f"penalty={type(penalty).__name__.lower()} needs {penalty.needs}, which bottleneck={name} "
+                    f"does not give; choose bottleneck={'|'.join(fits)}, or another penalty")

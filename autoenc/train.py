@@ -73,13 +73,10 @@ class SafetyNet(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         import torch
 
-        losses = outputs["losses"]  # one per optimizer step of the call: checked together, one sync
-        finite = torch.isfinite(losses)
-        if not finite.all():
-            first = int(finite.int().argmin())  # the first non-finite step of the call
-            step = trainer.global_step - len(losses) + first + 1
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if not bool(torch.isfinite(loss)):
             kept = f"the last good checkpoint is kept: {self.last}" if self.last.is_file() else "no checkpoint was saved yet"
-            raise UserError(f"the training loss became {losses[first].item()} at step {step} (epoch "
+            raise UserError(f"the training loss became {loss.item()} at step {trainer.global_step} (epoch "
                             f"{trainer.current_epoch}); lower model.optimizer.lr or check the data; {kept}")
 
     def on_exception(self, trainer, pl_module, exception):
@@ -94,9 +91,8 @@ def build(cfg: DictConfig):
     from hydra.utils import instantiate
 
     datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model, net=instantiate(cfg.net), shape=datamodule.shape,
-                        noise=instantiate(cfg.noise) if cfg.noise else None,
-                        penalty=instantiate(cfg.penalty) if cfg.penalty else None)
+    seams = {k: instantiate(cfg[k]) if cfg.get(k) else None for k in ("noise", "bottleneck", "penalty", "likelihood")}
+    model = instantiate(cfg.model, net=instantiate(cfg.net), shape=datamodule.shape, **seams)
     return datamodule, model
 
 
@@ -152,7 +148,7 @@ def hparams_of(cfg: DictConfig) -> dict:
     if HydraConfig.initialized():
         flat.update({f"choice/{k}": str(v) for k, v in HydraConfig.get().runtime.choices.items()
                      if not k.startswith("hydra") and v is not None})
-    for group in ("model", "net", "data", "noise", "penalty"):
+    for group in ("model", "net", "data", "noise", "bottleneck", "penalty", "likelihood"):
         node = OmegaConf.to_container(cfg[group], resolve=True) if cfg.get(group) else {}
         for k, v in (node or {}).items():
             if isinstance(v, (int, float, str, bool)) and not k.startswith("_"):

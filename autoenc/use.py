@@ -43,8 +43,7 @@ def load_run(cfg: DictConfig) -> Run:
         raise UserError(f"{path} stores no config and {saved} is missing; evaluate a checkpoint inside "
                         "the run directory that `autoenc train` wrote")
     run_cfg.paths.output_dir = str(run_dir)
-    if "iwae_samples" in run_cfg.model:
-        run_cfg.model.iwae_samples = cfg.eval.iwae_samples
+    run_cfg.model.iwae_samples = cfg.eval.iwae_samples
     quiet_lightning()
     datamodule, model = build(run_cfg)
     restore(model, ckpt, path)  # the checkpoint already read above, not read again
@@ -137,9 +136,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 def sample(cfg: DictConfig) -> Path:
     """A grid of n images decoded from prior samples z ~ p(z)."""
     run = load_run(cfg)
-    if not hasattr(run.model, "sample"):
-        raise UserError(f"{type(run.model).__name__} has no prior to sample from; `sample` needs a model "
-                        "trained with model=vae (try reconstruct or interpolate)")
     g = torch.Generator(device=run.model.device).manual_seed(cfg.seed)
     x = run.model.sample(cfg.n, generator=g)
     nrow = max(1, round(cfg.n ** 0.5))
@@ -196,7 +192,7 @@ def interpolate(cfg: DictConfig) -> Path:
     paths = decoded(model, z)
     path = save_png(grid_of_rows([torch.cat([a[i:i + 1], paths[i], b[i:i + 1]]) for i in range(pairs)]),
                     out_path(cfg, run, "interpolate.png"))
-    if hasattr(model, "sample"):
+    if model.bottleneck.stochastic:
         d = model.latent_dim
         z = za[0].expand(d, cfg.steps, d).clone()  # row i sweeps dimension i around the first image's code
         z[torch.arange(d), :, torch.arange(d)] = torch.linspace(-cfg.traversal, cfg.traversal, cfg.steps,

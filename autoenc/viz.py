@@ -91,7 +91,7 @@ class PriorSamples(Callback):
         self.n, self.png, self.seed = n, Path(dirpath) / filename, seed
 
     def on_validation_epoch_end(self, trainer, pl_module):
-        if not hasattr(pl_module, "sample") or trainer.sanity_checking:
+        if not pl_module.bottleneck.stochastic or trainer.sanity_checking:
             return
         g = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         x = pl_module.sample(self.n, generator=g)

@@ -1,0 +1,164 @@
+"""Bottlenecks: what turns the encoder's head h into the code z, and what the code brings with it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Latent:
+    """A batch's code: `z` feeds the decoder (a sample when stochastic), `code` is the deterministic code."""
+
+    z: torch.Tensor
+    code: torch.Tensor
+    h: torch.Tensor  # the encoder's head before the bottleneck
+    mean: torch.Tensor | None = None
+    logvar: torch.Tensor | None = None
+
+
+class Linear(nn.Module):
+    """z = h: an unconstrained code (the undercomplete autoencoder's)."""
+
+    stochastic = False  # True: a sampled code with a prior (sampling, the KL term, IWAE)
+    bounds = (-math.inf, math.inf)  # the values a code can take; penalties check what they need
+
+    def __init__(self, threshold: float | None = None):
+        super().__init__()
+        self.threshold = threshold  # a unit is active on an example when its code exceeds this
+
+    def head_dim(self, latent_dim: int) -> int:
+        """How wide the encoder's head must be for a code of latent_dim units."""
+        return latent_dim
+
+    def activation(self, h: torch.Tensor) -> torch.Tensor:
+        return h
+
+    def slope(self, code: torch.Tensor) -> torch.Tensor:
+        """∂code_j/∂h_j as a function of the code (the diagonal of an elementwise activation's Jacobian)."""
+        return torch.ones_like(code)
+
+    def forward(self, h: torch.Tensor) -> Latent:
+        code = self.activation(h)
+        return Latent(code, code, h)
+
+    def active(self, code: torch.Tensor) -> torch.Tensor | None:
+        """Which units fire on each example, or None where the code has no such notion."""
+        return None if self.threshold is None else code > self.threshold
+
+    def terms(self, latent: Latent, recon: torch.Tensor, progress: float | None) -> tuple[torch.Tensor, dict]:
+        """The term this bottleneck adds to the loss, and its figures (per-example means)."""
+        active = self.active(latent.code)
+        stats = {} if active is None else {"l0": active.sum(1).float().mean()}
+        return recon.new_zeros(()), stats
+
+    def split_figures(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Figures over a whole split from summed code statistics (n, sum, sq, active)."""
+        if "active" not in stats:
+            return {}
+        freq = stats["active"] / stats["n"]
+        return {"dead_fraction": (freq == 0).float().mean(), "activation_frequency": freq}
+
+
+class ReLU(Linear):
+    """z = max(h, 0): codes that can be exactly zero (with penalty=l1, a sparse autoencoder)."""
+
+    bounds = (0.0, math.inf)
+
+    def __init__(self, threshold: float | None = 0.0):
+        super().__init__(threshold)
+
+    def activation(self, h):
+        return torch.relu(h)
+
+    def slope(self, code):
+        return (code > 0).to(code.dtype)
+
+
+class Sigmoid(Linear):
+    """z = sigmoid(h): rates in [0, 1] (KL sparsity; Rifai et al.'s contractive encoder)."""
+
+    bounds = (0.0, 1.0)
+
+    def __init__(self, threshold: float | None = 0.1):
+        super().__init__(threshold)
+
+    def activation(self, h):
+        return torch.sigmoid(h)
+
+    def slope(self, code):
+        return code * (1 - code)
+
+
+class TopK(ReLU):
+    """The k largest of h per example, then ReLU; the rest zero (Makhzani & Frey 2013; Gao et al. 2024)."""
+
+    def __init__(self, k: int = 8, threshold: float | None = 0.0):
+        super().__init__(threshold)
+        self.k = k
+
+    def activation(self, h):
+        top = h.topk(self.k, dim=1)
+        return torch.zeros_like(h).scatter(1, top.indices, torch.relu(top.values))
+
+
+class Gaussian(Linear):
+    """q(z|x) = N(μ, diag σ²) from a head of twice the latent width; z = μ + σ·ε in every loss
+    (reparameterization, Kingma & Welling 2014), μ as the deterministic code; adds β·KL(q ‖ N(0, I))."""
+
+    stochastic = True
+
+    def __init__(self, beta: float = 1.0, warmup_epochs: float = 0.0):
+        super().__init__(None)
+        self.beta, self.warmup_epochs = beta, warmup_epochs
+
+    def head_dim(self, latent_dim):
+        return 2 * latent_dim
+
+    def forward(self, h):
+        mean, logvar = h.chunk(2, dim=1)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        return Latent(z, mean, h, mean, logvar)
+
+    def beta_at(self, progress: float | None) -> float:
+        """β, ramped linearly from 0 over the first `warmup_epochs` epochs of training (else β)."""
+        if progress is None or self.warmup_epochs <= 0:
+            return self.beta
+        return self.beta * min(1.0, progress / self.warmup_epochs)
+
+    def terms(self, latent, recon, progress):
+        kl = gaussian_kl(latent.mean, latent.logvar).mean()
+        beta = self.beta_at(progress)
+        stats = {"kl": kl, "nelbo": recon + kl}
+        if progress is not None:
+            stats["beta"] = kl.new_tensor(beta)
+        return beta * kl, stats
+
+    def split_figures(self, stats):
+        # Active units: dimensions whose posterior mean varies over the data, Cov_x(E_q[z_i]) > 0.01
+        # (Burda et al. 2015, sec. 5.2).
+        var = stats["sq"] / stats["n"] - (stats["sum"] / stats["n"]) ** 2
+        return {"active_units": (var > 0.01).sum().float()}
+
+    def prior_sample(self, n: int, latent_dim: int, generator=None, device=None) -> torch.Tensor:
+        """n codes from the prior N(0, I)."""
+        return torch.randn(n, latent_dim, generator=generator, device=device)
+
+    def importance_samples(self, h: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """n draws z ~ q(z|x) per example, shape (n, B, d), and log p(z) − log q(z|x), shape (n, B)."""
+        mean, logvar = h.chunk(2, dim=1)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn(n, *mean.shape, device=h.device, dtype=h.dtype)
+        return z, log_normal(z, torch.zeros_like(z), torch.zeros_like(z)) - log_normal(z, mean, logvar)
+
+
+def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(μ, σ²) ‖ N(0, I)) per example = ½ Σ (μ² + σ² − log σ² − 1) (Kingma & Welling 2014, app. B)."""
+    return 0.5 * (mean.pow(2) + logvar.exp() - logvar - 1).sum(1)
+
+
+def log_normal(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log N(z; μ, diag σ²), summed over the last dimension."""
+    return -0.5 * ((z - mean).pow(2) / logvar.exp() + logvar + math.log(2 * math.pi)).sum(-1)

@@ -1,0 +1,41 @@
+"""Likelihoods p(x | z) of the decoder's logits: the reconstruction loss and the output activation."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Bernoulli(nn.Module):
+    """p(x|z) = Bernoulli(sigmoid(logits)): binary cross-entropy, also the usual loss for [0, 1] pixels."""
+
+    def nll(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """−log p(x|z) per example, summed over pixels (nats)."""
+        return F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
+
+    def mean(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits)
+
+
+class Gaussian(nn.Module):
+    """p(x|z) = N(mean(logits), σ²) per pixel; σ fixed by `sigma`, or one learned scalar when None.
+    The mean is sigmoid(logits) for [0, 1] pixels, or the logits themselves with `bounded=false`."""
+
+    def __init__(self, sigma: float | None = None, bounded: bool = True):
+        super().__init__()
+        self.bounded = bounded
+        log_sigma = torch.tensor(math.log(sigma) if sigma else 0.0)
+        if sigma is None:
+            self.log_sigma = nn.Parameter(log_sigma)
+        else:
+            self.register_buffer("log_sigma", log_sigma)
+
+    def nll(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        z2 = ((x - self.mean(logits)) * torch.exp(-self.log_sigma)) ** 2
+        return (0.5 * z2 + self.log_sigma + 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
+
+    def mean(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits) if self.bounded else logits
