@@ -113,8 +113,7 @@ class PlainLoop:
         import torch
 
         m, b = self.model, self.args.batch_size
-        enc, dec, penalty, nll, noise = m.encoder, m.decoder, m.penalty, m.likelihood.nll, m.noise
-        vae = m.head_mult == 2
+        enc, dec, bottleneck, penalty, nll, noise = m.encoder, m.decoder, m.bottleneck, m.penalty, m.likelihood.nll, m.noise
         sync(self.args.device)
         w0, c0 = time.perf_counter(), time.process_time()
         for _ in range(steps):
@@ -124,14 +123,10 @@ class PlainLoop:
             x = x.float().div_(255) if x.dtype == torch.uint8 else x
             x_tilde = noise(x, self.g) if noise is not None else x
             with self.autocast:
-                h = enc(x_tilde)
-                if vae:
-                    mean, logvar = h.chunk(2, dim=1)
-                    z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
-                    extra = 0.5 * (mean.pow(2) + logvar.exp() - logvar - 1).sum(1).mean()
-                else:
-                    z, extra = penalty.code(h), 0.0
-                loss = nll(dec(z).float(), x).mean() + penalty(z, x_tilde, enc)[0] + extra
+                latent = bottleneck(enc(x_tilde))
+                recon = nll(dec(latent.z).float(), x).mean()
+                loss = (recon + bottleneck.terms(latent, recon, None)[0]
+                        + penalty(latent.code, x_tilde, enc, bottleneck)[0])
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()

@@ -1,4 +1,4 @@
-"""Shared fixtures: run the real CLI in a subprocess, read run directories and TensorBoard events."""
+"""Shared helpers: compose and train in this process, run the real CLI in a subprocess, read run outputs."""
 
 from __future__ import annotations
 
@@ -8,13 +8,60 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+# One torch thread here and in every `autoenc` the tests start: on a small shared machine, threads
+# that wait on each other under other load slow a small model's step 20–70×.
+os.environ["OMP_NUM_THREADS"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("AUTOENC_DATA_DIR", ROOT.parent / "shared" / "data"))
 FAST = ["trainer=debug", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1",
         "trainer.limit_test_batches=2", "eval.iwae_samples=4", "trainer.enable_model_summary=false",
         "trainer.enable_progress_bar=false"]
+
+
+def compose(*overrides: str, run_dir: Path | str = "unused", fast: bool = True):
+    """The config `autoenc train OVERRIDES` composes, writing into run_dir (Hydra not running)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from autoenc.cli import CONFIGS
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return hydra_compose("train", overrides=[*(FAST if fast else []), *overrides, f"paths.output_dir={run_dir}"])
+
+
+def train_here(run_dir: Path, *overrides: str, fast: bool = True) -> dict:
+    """Validates and trains in this process, as `autoenc train` would, and returns its results."""
+    from omegaconf import OmegaConf
+
+    from autoenc.schema import validate
+    from autoenc.train import train
+
+    cfg = compose(*overrides, run_dir=run_dir, fast=fast)
+    validate(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))  # where `rebuilt` finds it
+    return train(cfg)
+
+
+def rebuilt(run_dir: Path, ckpt: str = "best.ckpt"):
+    """A run's data module and model (eval mode) with the weights of one of its checkpoints."""
+    from omegaconf import OmegaConf
+
+    from autoenc.train import build
+
+    saved = run_dir / ".hydra" / "config.yaml"
+    cfg = OmegaConf.load(saved if saved.is_file() else run_dir / "config.yaml")
+    cfg.paths.output_dir = str(run_dir)
+    datamodule, model = build(cfg)
+    state = torch.load(run_dir / "checkpoints" / ckpt, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["state_dict"])
+    return datamodule, model.eval()
 
 
 def autoenc(*args: str, cwd: Path | None = None, check: bool = True, env: dict | None = None):
@@ -32,6 +79,36 @@ def train_run(run_dir: Path, *overrides: str, fast: bool = True) -> dict:
     return json.loads((run_dir / "results.json").read_text())
 
 
+def one_line_error(proc) -> str:
+    """The single stderr line of a command refused with exit code 2 and no traceback."""
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def cli_error(capsys, *argv: str) -> str:
+    """Runs `autoenc ARGV` in this process, expecting a refusal: exit code 2 and one stderr line."""
+    from autoenc import cli
+
+    env, argv0 = dict(os.environ), sys.argv
+    capsys.readouterr()
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(list(argv))
+    finally:  # main() sets Hydra's variables and sys.argv for the job it runs
+        os.environ.clear()
+        os.environ.update(env)
+        sys.argv = argv0
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2, err
+    assert "Traceback" not in out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
 def tb_tags(run_dir: Path) -> dict[str, set[str]]:
     """Scalar, image and histogram tags in every TensorBoard event file of a run directory."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -43,6 +120,19 @@ def tb_tags(run_dir: Path) -> dict[str, set[str]]:
         for kind in tags:
             tags[kind] |= set(ea.Tags()[kind])
     return tags
+
+
+def tb_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of one scalar tag over a run's event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    points = []
+    for f in run_dir.glob("events.out.tfevents.*"):
+        ea = EventAccumulator(str(f), size_guidance={"scalars": 0})
+        ea.Reload()
+        if tag in ea.Tags()["scalars"]:
+            points += [(e.step, e.value) for e in ea.Scalars(tag)]
+    return sorted(points)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import autoenc, tb_tags, train_run
+from conftest import autoenc, tb_tags, train_here, train_run
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +56,8 @@ def test_resume_continues_from_the_saved_epoch(run, tmp_path):
     first = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert first["epoch"] == 1
     resumed = tmp_path / "resumed"
-    train_run(resumed, f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "trainer.max_epochs=3",
-              "trainer.limit_train_batches=4", "trainer.limit_val_batches=1.0")
+    train_here(resumed, f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "trainer.max_epochs=3",
+               "trainer.limit_train_batches=4", "trainer.limit_val_batches=1.0")
     last = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["epoch"] == 2
     assert last["global_step"] == first["global_step"] + 4  # one more epoch of 4 batches, not three
@@ -74,11 +74,11 @@ def test_missing_data_root_is_one_line_error(tmp_path):
 
 def test_help_lists_groups_and_cfg_prints_the_config():
     out = autoenc("train", "--help").stdout
-    for group in ("model:", "net:", "data:", "noise:", "penalty:", "trainer:", "logger:"):
+    for group in ("model:", "net:", "data:", "noise:", "bottleneck:", "penalty:", "likelihood:", "trainer:", "logger:"):
         assert group in out
-    assert "vae" in out and "fashion_mnist" in out and "ddp" in out
+    assert "vae" in out and "fashion_mnist" in out and "ddp" in out and "topk" in out
     cfg = autoenc("train", "model=vae", "model.latent_dim=7", "--cfg", "job").stdout
-    assert "autoenc.vae.VAEModule" in cfg and "latent_dim: 7" in cfg
+    assert "autoenc.bottlenecks.Gaussian" in cfg and "latent_dim: 7" in cfg
 
 
 def test_unknown_command_is_one_line_error():

@@ -33,7 +33,7 @@ def test_fashion_mnist_splits_and_batches_are_unit_floats(shared_data):
     dm = IDX(root=str(shared_data), name="FashionMNIST", val_fraction=5000 / 60000)
     sizes = {k: len(v[0]) for k, v in dm.splits.items()}
     assert sizes == {"train": 55000, "val": 5000, "test": 10000} and dm.shape == (1, 28, 28)
-    [(x, y)] = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())))  # a group of one batch
+    x, y = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())))
     assert x.dtype == torch.float32 and x.shape == (128, 1, 28, 28) and 0 <= x.min() and x.max() <= 1
     assert x.max() == 1.0 and y.dtype == torch.int64
 
@@ -83,3 +83,18 @@ def test_unreadable_image_is_a_user_error(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a png")
     with pytest.raises(UserError, match="cannot read image .*broken.png"):
         ImageFolder(path=str(tmp_path)).shape
+
+
+def test_streams_of_randomness_never_coincide():
+    """Shuffle, noise, binarization and model sampling draw from distinct seeds for every (seed, epoch, rank),
+    and seed 1 / epoch 0 is not seed 0 / epoch 1."""
+    from autoenc.seeds import derive
+
+    keys = [(s, stream, e, r) for s in range(3) for stream in ("shuffle", "noise", "binarize", "model")
+            for e in range(4) for r in range(2)]
+    seeds = [derive(s, stream, e, r) for s, stream, e, r in keys]
+    assert len(set(seeds)) == len(keys) and all(0 <= v < 2**63 for v in seeds)
+    assert derive(1, "shuffle", 0) != derive(0, "shuffle", 1) and derive(5, "noise", 2, 1) == derive(5, "noise", 2, 1)
+    orders = [list(TensorBatches(torch.arange(50).view(50, 1, 1, 1), torch.arange(50), 50, True, s, lambda e=e: e))[0][1]
+              for s, e in ((0, 1), (1, 0), (0, 0))]
+    assert not torch.equal(orders[0], orders[1]) and not torch.equal(orders[0], orders[2])

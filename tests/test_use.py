@@ -107,7 +107,7 @@ def test_sample_writes_a_square_grid(vae, tmp_path):
 def test_sample_refuses_a_model_without_a_prior(ae):
     from autoenc.errors import UserError  # the CLI prints it as one line (see the truncated-checkpoint test)
 
-    with pytest.raises(UserError, match=r"^AutoencoderModule has no prior to sample from; .* model=vae"):
+    with pytest.raises(UserError, match=r"^bottleneck=linear has no prior to sample from; .* \(model=vae\)"):
         use("sample", f"ckpt={ae[0]}")
 
 

@@ -1,0 +1,102 @@
+"""Bottlenecks against independent computations: activations and their slopes, top-k, the Gaussian's KL."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.autograd.functional import jacobian
+from torch.distributions import Normal, kl_divergence
+
+from autoenc.bottlenecks import Gaussian, Linear, ReLU, Sigmoid, TopK, gaussian_kl
+
+H = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
+DETERMINISTIC = [Linear(), ReLU(), Sigmoid(), TopK(k=3)]
+
+
+@pytest.mark.parametrize("bottleneck", DETERMINISTIC, ids=lambda b: type(b).__name__)
+def test_slope_is_the_diagonal_of_the_autograd_jacobian(bottleneck):
+    """The analytic contractive penalty relies on ∂code/∂h being diagonal with entries slope(code)."""
+    for h in H:
+        jac = jacobian(lambda v: bottleneck(v.unsqueeze(0)).code.squeeze(0), h)
+        code = bottleneck(h.unsqueeze(0)).code.squeeze(0)
+        torch.testing.assert_close(jac, torch.diag(bottleneck.slope(code)))
+
+
+def test_activations_and_their_ranges():
+    assert torch.equal(Linear()(H).code, H)
+    assert torch.equal(ReLU()(H).code, H.clamp_min(0))
+    s = Sigmoid()(H * 50).code
+    assert 0 <= s.min() and s.max() <= 1 and torch.allclose(Sigmoid()(H).code, 1 / (1 + torch.exp(-H)))
+    for b in DETERMINISTIC:
+        latent = b(H)
+        assert latent.z is latent.code and not b.stochastic and b.head_dim(7) == 7
+        lo, hi = b.bounds
+        assert lo <= latent.code.min() and latent.code.max() <= hi
+
+
+def test_topk_keeps_the_k_largest_then_relu():
+    h = torch.randn(64, 20, generator=torch.Generator().manual_seed(4)) - 1.0  # many negative top values
+    z = TopK(k=3)(h).code
+    for row, out in zip(h, z):
+        largest = set(row.topk(3).indices.tolist())
+        kept = {i for i in range(20) if out[i] != 0}
+        assert kept == {i for i in largest if row[i] > 0}  # the top 3, minus those ReLU zeroes
+        assert all(out[i] == row[i] for i in kept)
+    assert ((z != 0).sum(1) <= 3).all() and (z != 0).sum(1).max() == 3
+
+
+def test_active_units_and_l0():
+    z = torch.tensor([[0.0, 2.0, 0.0], [1.0, 3.0, 0.0]])
+    assert ReLU().active(z).tolist() == [[False, True, False], [True, True, False]]
+    _, stats = ReLU().terms(ReLU()(z), torch.tensor(0.0), None)
+    assert stats["l0"].item() == 1.5
+    figures = ReLU().split_figures({"n": torch.tensor(2.0), "active": ReLU().active(z).float().sum(0)})
+    assert figures["activation_frequency"].tolist() == [0.5, 1.0, 0.0] and figures["dead_fraction"].item() == pytest.approx(1 / 3)
+    assert Linear().active(z) is None and Linear().terms(Linear()(z), torch.tensor(0.0), None)[1] == {}
+
+
+def test_gaussian_head_is_twice_as_wide_and_the_code_is_the_mean():
+    b = Gaussian()
+    h = torch.randn(5, 8)
+    latent = b(h)
+    assert b.head_dim(4) == 8 and b.stochastic
+    assert torch.equal(latent.code, h[:, :4]) and torch.equal(latent.logvar, h[:, 4:])
+    assert latent.z.shape == (5, 4) and not torch.equal(latent.z, latent.code)
+
+
+def test_closed_form_kl_equals_monte_carlo_estimate():
+    g = torch.Generator().manual_seed(0)
+    mean, logvar = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    q = Normal(mean, (0.5 * logvar).exp())
+    z = q.sample((200_000,))
+    mc = (q.log_prob(z) - Normal(0.0, 1.0).log_prob(z)).sum(-1)
+    se = mc.std(0) / math.sqrt(len(mc))
+    assert (gaussian_kl(mean, logvar) - mc.mean(0)).abs().max() < 5 * se.max()
+    assert gaussian_kl(mean, logvar).tolist() == pytest.approx(kl_divergence(q, Normal(0.0, 1.0)).sum(1).tolist(), rel=1e-5)
+
+
+def test_gaussian_term_is_beta_times_kl_with_warmup():
+    b = Gaussian(beta=0.5, warmup_epochs=2)
+    h = torch.randn(16, 6, generator=torch.Generator().manual_seed(1))
+    latent = b(h)
+    q = Normal(h[:, :3], (0.5 * h[:, 3:]).exp())
+    kl = kl_divergence(q, Normal(0.0, 1.0)).sum(1).mean().item()
+    recon = torch.tensor(10.0)
+    for progress, beta in ((0.0, 0.0), (1.0, 0.25), (3.0, 0.5), (None, 0.5)):
+        term, stats = b.terms(latent, recon, progress)
+        assert term.item() == pytest.approx(beta * kl, rel=1e-5)
+        assert stats["nelbo"].item() == pytest.approx(10.0 + kl, rel=1e-5)  # the bound counts the whole KL
+        assert ("beta" in stats) == (progress is not None)
+
+
+def test_importance_weights_are_log_prior_minus_log_posterior():
+    b = Gaussian()
+    h = torch.randn(3, 4, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    z, log_w = b.importance_samples(h, 5)
+    q = Normal(h[:, :2], (0.5 * h[:, 2:]).exp())
+    expected = Normal(0.0, 1.0).log_prob(z).sum(-1) - q.log_prob(z).sum(-1)
+    assert z.shape == (5, 3, 2)
+    torch.testing.assert_close(log_w, expected)

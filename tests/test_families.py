@@ -1,0 +1,92 @@
+"""The families' own figures and pictures, recomputed from their checkpoints: sparsity, denoising, contraction."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from PIL import Image
+
+from conftest import FAST, autoenc, compose, one_line_error, rebuilt, tb_tags, train_here
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, tuple]:
+    """name → (run dir, results) of a few family runs on the digits, trained in this process."""
+    root = tmp_path_factory.mktemp("families")
+    cases = {
+        "sparse": ["model=sparse"],
+        "masking": ["model=denoising", "noise=masking"],
+        "gaussian_noise": ["model=denoising", "noise=gaussian", "trainer.limit_test_batches=1.0"],
+        "ae": ["model=ae"],
+        "analytic": ["model=contractive", "penalty.method=analytic"],
+        "exact": ["model=contractive", "penalty.method=exact"],
+    }
+    return {name: (root / name, train_here(root / name, *overrides)) for name, overrides in cases.items()}
+
+
+def test_sparse_run_writes_one_feature_tile_per_unit_and_a_frequency_histogram(runs):
+    run_dir, results = runs["sparse"]
+    # 128 units of 8×8 in a 12-wide grid, 2-pixel padding: 12 columns, 11 rows.
+    assert Image.open(run_dir / "features.png").size == (2 + 12 * 10, 2 + 11 * 10)
+    tags = tb_tags(run_dir)
+    assert "val/activation_frequency" in tags["histograms"]
+    assert {"val/l0", "val/dead_fraction", "train/l0_step"} <= tags["scalars"]
+    datamodule, model = rebuilt(run_dir)
+    n = 2 * compose("model=sparse").data.batch_size  # the test's first examples (FAST: 2 batches)
+    with torch.no_grad():
+        code = model.encode(datamodule.splits["test"][0][:n]).code
+    fires = (code > 0).float()
+    assert results["test/l0"] == pytest.approx(fires.sum(1).mean().item(), rel=1e-5)
+
+
+def tb_image_height(run_dir, tag: str) -> int:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for f in run_dir.glob("events.out.tfevents.*"):
+        ea = EventAccumulator(str(f), size_guidance={"images": 0})
+        ea.Reload()
+        if tag in ea.Tags()["images"]:
+            return ea.Images(tag)[-1].height
+    raise AssertionError(f"no image {tag} in {run_dir}")
+
+
+def test_denoising_image_has_clean_noisy_denoised_rows(runs):
+    # 8×8 tiles, 2-pixel padding: 3 rows are 32 pixels high, the plain AE's 2 rows 22.
+    assert tb_image_height(runs["masking"][0], "val/reconstructions") == 32
+    assert tb_image_height(runs["ae"][0], "val/reconstructions") == 22
+
+
+def test_psnr_equals_recomputation_from_the_best_checkpoint(runs):
+    from autoenc.data import to_unit
+    from autoenc.seeds import derive
+
+    run_dir, results = runs["gaussian_noise"]
+    datamodule, model = rebuilt(run_dir)
+    cfg = compose("model=denoising", "noise=gaussian")
+    g = torch.Generator().manual_seed(derive(cfg.model.noise_seed, "noise/test"))  # test noise restarts here
+    noise = instantiate(cfg.noise)
+    x = to_unit(datamodule.splits["test"][0])
+    x_tilde = torch.cat([noise(b, g) for b in x.split(cfg.data.batch_size)])
+    with torch.no_grad():
+        x_hat = torch.sigmoid(model.decoder(model.encoder(x_tilde)))
+
+    def mean_psnr(a):  # per image, then averaged over the test set
+        return (10 * torch.log10(1 / ((a - x) ** 2).flatten(1).mean(1))).mean().item()
+
+    assert results["test/psnr_noisy"] == pytest.approx(mean_psnr(x_tilde), rel=1e-4)
+    assert results["test/psnr_denoised"] == pytest.approx(mean_psnr(x_hat), rel=1e-4)
+
+
+def test_contractive_analytic_and_exact_runs_agree(runs):
+    analytic, exact = runs["analytic"][1], runs["exact"][1]
+    assert analytic["test/jacobian_fro"] > 0
+    assert analytic["test/jacobian_fro"] == pytest.approx(exact["test/jacobian_fro"], rel=1e-4)
+    assert analytic["test/loss"] == pytest.approx(exact["test/loss"], rel=1e-4)
+
+
+def test_analytic_contractive_with_a_deep_encoder_is_a_one_line_error(tmp_path):
+    line = one_line_error(autoenc("train", f"hydra.run.dir={tmp_path}", *FAST, "model=contractive", "net=mlp",
+                                  "penalty.method=analytic", check=False))
+    assert line == ("autoenc: error: penalty.method=analytic needs a one-layer encoder (net=mlp_shallow); "
+                    "use penalty.method=exact or estimate")

@@ -1,0 +1,120 @@
+"""Groups combine freely: every noise × bottleneck × penalty either trains with its facts holding, or is
+refused in one line; every preset trains; a typo in any group is refused naming the nearest key."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from autoenc.cli import CONFIGS
+from autoenc.errors import UserError
+from autoenc.schema import validate
+from conftest import FAST, autoenc, compose, one_line_error, rebuilt, train_here
+
+
+def options(group: str) -> list[str]:
+    """The configs directory is the registry: every option of a group."""
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+BOTTLENECKS, PENALTIES, NOISES, PRESETS = (options(g) for g in ("bottleneck", "penalty", "noise", "model"))
+
+
+def refused(bottleneck: str, penalty: str) -> bool:
+    """The pairs that make no sense, written out independently of the code's `accepts`."""
+    return (penalty == "kl" and bottleneck != "sigmoid") or (penalty == "contractive" and bottleneck == "gaussian")
+
+
+def test_the_matrix_covers_every_option():
+    assert BOTTLENECKS == ["gaussian", "linear", "relu", "sigmoid", "topk"]
+    assert PENALTIES == ["contractive", "kl", "l1", "none"]
+    assert NOISES == ["gaussian", "masking", "none", "salt_pepper"]
+    assert PRESETS == ["ae", "contractive", "denoising", "sparse", "vae"]
+
+
+def code_facts(run_dir, results: dict, bottleneck: str, penalty: str, noise: str) -> None:
+    """What a trained combination must show, checked on its test set and its results."""
+    assert math.isfinite(results["test/loss"]) and results["test/recon"] > 0
+    assert (results["test/penalty"] > 0) == (penalty != "none")
+    assert ({"test/psnr_noisy", "test/psnr_denoised"} <= results.keys()) == (noise != "none")
+    assert ("test/jacobian_fro" in results) == (penalty == "contractive")
+    datamodule, model = rebuilt(run_dir)
+    with torch.no_grad():
+        code = model.encode(datamodule.splits["test"][0]).code
+    if bottleneck == "topk":
+        assert ((code != 0).sum(1) <= model.bottleneck.k).all()  # l0 ≤ k on every example
+        assert results["test/l0"] <= model.bottleneck.k
+    if bottleneck in ("relu", "topk"):
+        assert code.min() >= 0 and 0 <= results["test/dead_fraction"] <= 1
+    if bottleneck == "sigmoid":
+        assert 0 <= code.min() and code.max() <= 1
+    if bottleneck == "gaussian":
+        assert {"test/kl", "test/nelbo", "test/active_units"} <= results.keys()
+        assert results["test/nll_iwae"] <= results["test/nelbo"]
+    else:
+        assert "test/kl" not in results and "test/nll_iwae" not in results
+
+
+@pytest.mark.parametrize("noise", NOISES)
+@pytest.mark.parametrize("penalty", PENALTIES)
+@pytest.mark.parametrize("bottleneck", BOTTLENECKS)
+def test_every_combination_trains_or_is_refused_in_one_line(tmp_path, bottleneck, penalty, noise):
+    choices = [f"bottleneck={bottleneck}", f"penalty={penalty}", f"noise={noise}", "eval.iwae_samples=64",
+               "trainer.limit_test_batches=1.0"]
+    if refused(bottleneck, penalty):
+        with pytest.raises(UserError) as error:
+            validate(compose(*choices))
+        message = str(error.value)
+        assert "\n" not in message and message.startswith(f"penalty={penalty} needs ")
+        fits = [b for b in BOTTLENECKS if not refused(b, penalty)]
+        assert message.endswith(f"choose bottleneck={'|'.join(fits)}, or another penalty")
+        return
+    results = train_here(tmp_path, *choices)
+    code_facts(tmp_path, results, bottleneck, penalty, noise)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_model_preset_trains_with_its_family_figures(tmp_path, preset):
+    cfg = compose(f"model={preset}")
+    results = train_here(tmp_path, f"model={preset}", "eval.iwae_samples=64", "trainer.limit_test_batches=1.0")
+    code_facts(tmp_path, results, *_choices(cfg))
+
+
+def _choices(cfg) -> tuple[str, str, str]:
+    """(bottleneck, penalty, noise) option names of a composed config, from their targets."""
+    names = {g: {compose(f"{g}={o}")[g].get("_target_"): o for o in options(g)} for g in ("bottleneck", "penalty", "noise")}
+    return tuple(names[g][cfg[g].get("_target_")] for g in ("bottleneck", "penalty", "noise"))
+
+
+def test_presets_pick_the_seams_of_their_family():
+    assert {p: _choices(compose(f"model={p}")) for p in PRESETS} == {
+        "ae": ("linear", "none", "none"), "sparse": ("relu", "l1", "none"), "denoising": ("linear", "none", "gaussian"),
+        "contractive": ("sigmoid", "contractive", "none"), "vae": ("gaussian", "none", "none")}
+    cfg = compose("model=vae", "data=mnist", fast=False)  # the README's first example composes
+    assert cfg.bottleneck._target_ == "autoenc.bottlenecks.Gaussian" and cfg.data.name == "MNIST"
+
+
+@pytest.mark.parametrize("group, option, typo, nearest", [
+    ("model", "ae", "latnt_dim", "latent_dim"), ("data", "digits", "batchsize", "batch_size"),
+    ("net", "mlp", "hiden", "hidden"), ("noise", "masking", "pp", "p"), ("penalty", "l1", "weigth", "weight"),
+    ("bottleneck", "topk", "kk", "k"), ("likelihood", "gaussian", "sigm", "sigma"),
+    ("trainer", "debug", "max_epoch", "max_epochs"),
+])
+def test_a_typo_in_any_group_is_refused_naming_the_nearest_key(group, option, typo, nearest):
+    with pytest.raises(UserError, match=rf"^{group}\.{typo} is not a setting of {group} .*did you mean {group}\.{nearest}\?$"):
+        validate(compose(f"{group}={option}", f"+{group}.{typo}=3"))
+
+
+def test_a_setting_for_a_choice_without_settings_is_refused():
+    with pytest.raises(UserError, match=r"^noise\.p is not a setting: this noise choice has none$"):
+        validate(compose("noise=none", "+noise.p=0.5"))
+
+
+def test_the_cli_refuses_a_pair_and_a_typo_with_exit_2_and_one_line(tmp_path):
+    line = one_line_error(autoenc("train", f"hydra.run.dir={tmp_path}", *FAST, "model=vae", "penalty=kl", check=False))
+    assert line == ("autoenc: error: penalty=kl needs rates in [0, 1], which bottleneck=gaussian does not give; "
+                    "choose bottleneck=sigmoid, or another penalty")
+    line = one_line_error(autoenc("train", f"hydra.run.dir={tmp_path}", "+model.latnt_dim=3", check=False))
+    assert line.endswith("did you mean model.latent_dim?")
