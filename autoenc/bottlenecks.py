@@ -49,11 +49,10 @@ class Linear(nn.Module):
         """Which units fire on each example, or None where the code has no such notion."""
         return None if self.threshold is None else code > self.threshold
 
-    def terms(self, latent: Latent, recon: torch.Tensor, progress: float | None) -> tuple[torch.Tensor, dict]:
-        """The term this bottleneck adds to the loss, and its figures (per-example means)."""
+    def terms(self, latent: Latent, recon: torch.Tensor, progress: float | None) -> tuple[torch.Tensor | None, dict]:
+        """The term this bottleneck adds to the loss (None: none), and its figures (per-example means)."""
         active = self.active(latent.code)
-        stats = {} if active is None else {"l0": active.sum(1).float().mean()}
-        return recon.new_zeros(()), stats
+        return None, {} if active is None else {"l0": active.sum(1).float().mean()}
 
     def split_figures(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Figures over a whole split from summed code statistics (n, sum, sq, active)."""

@@ -51,7 +51,7 @@ class AutoencoderModule(pl.LightningModule):
         self._generators: dict[str, torch.Generator] = {}
         self._stats: dict[str, torch.Tensor] = {}
         self.epoch_figures: dict[str, torch.Tensor] = {}
-        self._train_epoch: dict = {}  # n, keys, sums of the epoch's step values (a dict: cheap to update)
+        self._train_epoch: dict = {}  # keys, and (values, batch size) of each step of the epoch
         if compile:  # in place, so parameter names (and checkpoints) stay those of the plain modules
             self.encoder.compile()
             self.decoder.compile()
@@ -88,23 +88,27 @@ class AutoencoderModule(pl.LightningModule):
         recon = self.likelihood.nll(logits, x).mean()
         extra, terms = self.bottleneck.terms(latent, recon, progress)
         penalty, stats = self.penalty(latent.code, x_tilde, self.encoder, self.bottleneck)
-        return {"loss": recon + extra + penalty, "recon": recon, "penalty": penalty, **terms, **stats}, latent, logits
+        loss = recon
+        for term in (extra, penalty):  # the terms that exist: no zeros added on every step
+            loss = loss if term is None else loss + term
+        parts = {"loss": loss, "recon": recon, **({} if penalty is None else {"penalty": penalty})}
+        return {**parts, **terms, **stats}, latent, logits
 
     def _shared_step(self, batch, stage: str, progress: float | None = None):
         x, _ = batch
         x_tilde = self.corrupt(x, stage)
         terms, latent, logits = self.loss_terms(x, x_tilde, progress)
-        if stage != "train":
-            if latent.z is not latent.code:  # evaluation reconstructs from the deterministic code
-                logits = self.decode(latent.code)
-            self._accumulate(latent)
-        x_hat = self.likelihood.mean(logits.detach())
+        if stage == "train":
+            return terms
+        if latent.z is not latent.code:  # evaluation reconstructs from the deterministic code
+            logits = self.decode(latent.code)
+        self._accumulate(latent)
+        x_hat = self.likelihood.mean(logits)
         terms["mse"] = F.mse_loss(x_hat, x)
-        if stage != "train":
-            if self.noise is not None:
-                terms |= {"psnr_noisy": psnr(x_tilde, x), "psnr_denoised": psnr(x_hat, x)}
-            for k, v in terms.items():
-                self.log(f"{stage}/{k}", v.detach(), batch_size=len(x), sync_dist=True, prog_bar=k == "loss")
+        if self.noise is not None:
+            terms |= {"psnr_noisy": psnr(x_tilde, x), "psnr_denoised": psnr(x_hat, x)}
+        for k, v in terms.items():
+            self.log(f"{stage}/{k}", v.detach(), batch_size=len(x), sync_dist=True, prog_bar=k == "loss")
         return terms
 
     def training_step(self, batch, batch_idx):
@@ -114,27 +118,28 @@ class AutoencoderModule(pl.LightningModule):
         return terms["loss"]
 
     def _log_train(self, terms: dict[str, torch.Tensor], n: int) -> None:
-        """Keeps epoch sums on the device and writes step values every `log_every_n_steps` steps; one
-        `self.log` per term and step costs more than a small model's step (scripts/benchmark.py)."""
-        values = torch.stack([v.detach().float() for v in terms.values()])
-        acc = self._train_epoch
-        if acc:
-            acc["sum"].add_(values, alpha=n)
-            acc["n"] += n
-        else:
-            acc.update(sum=n * values, n=n, keys=list(terms))
-        every = self.trainer.log_every_n_steps
-        if every and self.global_step % every == 0:
-            step = {f"train/{k}_step": v for k, v in zip(terms, values.tolist())}
-            step["train/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
+        """Keeps each step's values (detached, on the device) for the epoch means, and writes them to the
+        loggers every `log_every_n_steps` steps: one `self.log` per term and step costs more than a
+        small model's step (scripts/benchmark.py)."""
+        values, acc = torch.stack([v.detach() for v in terms.values()]), self._train_epoch
+        if not acc:
+            acc.update(keys=list(terms), steps=[])
+        acc["steps"].append((values, n))
+        step = self.global_step
+        if self.trainer.log_every_n_steps and step % self.trainer.log_every_n_steps == 0:
+            logged = {f"train/{k}_step": v for k, v in zip(terms, values.tolist())}
+            logged["train/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
             for logger in self.loggers:
-                logger.log_metrics(step, step=self.global_step)
-            self.log("train/loss_step", step["train/loss_step"], logger=False, prog_bar=True)
+                logger.log_metrics(logged, step=step)
+            self.log("train/loss_step", logged["train/loss_step"], logger=False, prog_bar=True)
 
     def on_train_epoch_end(self):
         acc = self._train_epoch
         if acc:
-            for k, v in zip(acc["keys"], acc["sum"] / acc["n"]):
+            values, sizes = zip(*acc["steps"])
+            w = torch.tensor(sizes, dtype=values[0].dtype, device=values[0].device)
+            means = (torch.stack(values) * w[:, None]).sum(0) / w.sum()
+            for k, v in zip(acc["keys"], means):
                 self.log(f"train/{k}_epoch", v, prog_bar=k == "loss")
         acc.clear()
 

@@ -24,8 +24,9 @@ class Penalty:
         """Whether this penalty makes sense on the codes `bottleneck` produces."""
         return True
 
-    def __call__(self, code, x_tilde, encoder: nn.Module, bottleneck) -> tuple[torch.Tensor, dict]:
-        return code.new_zeros(()), {}
+    def __call__(self, code, x_tilde, encoder: nn.Module, bottleneck) -> tuple[torch.Tensor | None, dict]:
+        """The weighted term (None: no term) and figures to log."""
+        return None, {}
 
 
 class L1(Penalty):

@@ -36,7 +36,7 @@ GROUPS = ("model", "data", "net", "noise", "bottleneck", "penalty", "likelihood"
 # key: (rule, what a valid value is). Keys absent from a config (e.g. noise.p without noise) are skipped.
 RULES = {
     "seed": (_int(0), "an integer ≥ 0"),
-    "threads": (_or_null(_int(1)), "null (torch's default) or a positive integer"),
+    "threads": (lambda v, cfg: v in (None, "auto") or _int(1)(v, cfg), "auto, null (torch's default) or a positive integer"),
     "model.latent_dim": (_int(1), "a positive integer"),
     "model.iwae_samples": (_int(0), "an integer ≥ 0"),
     "model.iwae_chunk": (_int(1), "a positive integer"),

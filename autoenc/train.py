@@ -65,18 +65,37 @@ def restore(model, ckpt: dict, path) -> None:
 
 
 class SafetyNet(Callback):
-    """Ctrl-C saves last.ckpt before exiting; a non-finite training loss stops the run, naming the step."""
+    """Ctrl-C saves last.ckpt before exiting; a non-finite training loss stops the run, naming its step.
+    The losses are checked every `log_every_n_steps` steps, at epoch ends and before any checkpoint is
+    written: one host sync per check rather than one per step, and no checkpoint of a diverged model."""
 
     def __init__(self, dirpath: str):
         self.last = Path(dirpath) / "last.ckpt"
+        self._losses: list = []  # (optimizer step, detached loss) since the last check
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self._losses.append((trainer.global_step, loss.detach()))
+        if len(self._losses) >= (trainer.log_every_n_steps or 1):
+            self.check(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.check(trainer)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        self.check(trainer)
+
+    def check(self, trainer) -> None:
         import torch
 
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if not bool(torch.isfinite(loss)):
+        if not self._losses:
+            return
+        (steps, losses), self._losses = zip(*self._losses), []
+        finite = torch.isfinite(torch.stack(losses))
+        if not finite.all():
+            first = int(finite.int().argmin())  # the first non-finite step since the last check
             kept = f"the last good checkpoint is kept: {self.last}" if self.last.is_file() else "no checkpoint was saved yet"
-            raise UserError(f"the training loss became {loss.item()} at step {trainer.global_step} (epoch "
+            raise UserError(f"the training loss became {losses[first].item()} at step {steps[first]} (epoch "
                             f"{trainer.current_epoch}); lower model.optimizer.lr or check the data; {kept}")
 
     def on_exception(self, trainer, pl_module, exception):

@@ -36,28 +36,40 @@ def fixed_examples(trainer, split: str, n: int, device) -> tuple[torch.Tensor, t
     return to_unit(x[:n]).to(device), y[:n]
 
 
-class ReconstructionGrid(Callback):
-    """Rows of clean | corrupted (if any) | reconstructed validation images, each epoch."""
+class Pictures(Callback):
+    """The run's pictures, to TensorBoard at each validation and as PNGs in the run directory: rows of
+    clean | corrupted (with noise) | reconstructed validation images; prior samples (stochastic
+    bottleneck); the units' activation frequencies and the decoder's features (codes with active
+    units); the decoded latent manifold and a scatter of test codes (2-D latent). One callback, so
+    that Lightning dispatches its per-step hooks once (scripts/benchmark.py)."""
 
-    def __init__(self, n: int = 16, dirpath: str = ".", filename: str = "reconstructions.png"):
-        self.n, self.png = n, Path(dirpath) / filename
+    def __init__(self, dirpath: str = ".", reconstructions: int = 16, samples: int = 64, manifold: int = 20,
+                 scatter_examples: int = 2000, seed: int = 0):
+        self.dir, self.n, self.samples, self.manifold = Path(dirpath), reconstructions, samples, manifold
+        self.scatter_examples, self.seed = scatter_examples, seed
 
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer, pl_module):
         if trainer.sanity_checking:
             return
-        x, _ = fixed_examples(trainer, "val", self.n, pl_module.device)
-        g = torch.Generator(device=x.device).manual_seed(pl_module.noise_seed)
-        x_tilde = x if pl_module.noise is None else pl_module.noise(x, g)
-        rows = [x] + ([x_tilde] if pl_module.noise is not None else []) + [pl_module(x_tilde)]
-        publish(trainer, "val/reconstructions", grid_of_rows(rows), self.png)
-
-
-class SparsityPictures(Callback):
-    """For sparse codes: a histogram of unit activation frequencies, and the decoder's features."""
-
-    def __init__(self, dirpath: str = ".", filename: str = "features.png"):
-        self.png = Path(dirpath) / filename
+        if self.n:
+            x, _ = fixed_examples(trainer, "val", self.n, pl_module.device)
+            g = torch.Generator(device=x.device).manual_seed(pl_module.noise_seed)
+            x_tilde = x if pl_module.noise is None else pl_module.noise(x, g)
+            rows = [x] + ([x_tilde] if pl_module.noise is not None else []) + [pl_module(x_tilde)]
+            publish(trainer, "val/reconstructions", grid_of_rows(rows), self.dir / "reconstructions.png")
+        if self.samples and pl_module.bottleneck.stochastic:
+            g = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+            x = pl_module.sample(self.samples, generator=g)
+            publish(trainer, "val/samples", make_grid(x.cpu(), nrow=int(self.samples ** 0.5), pad_value=1.0),
+                    self.dir / "samples.png")
+        if self.manifold and pl_module.latent_dim == 2:
+            # Points at evenly spaced quantiles of N(0, 1), as in Kingma & Welling (2014), fig. 4.
+            q = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, self.manifold))
+            zz = torch.cartesian_prod(q.flip(0), q)[:, [1, 0]].to(pl_module.device)
+            x = pl_module.likelihood.mean(pl_module.decode(zz))
+            publish(trainer, "val/latent_manifold", make_grid(x.cpu(), nrow=self.manifold, padding=0),
+                    self.dir / "manifold.png")
 
     def on_validation_end(self, trainer, pl_module):
         # Not on_validation_epoch_end: callbacks run before the module's hook that computes the figures.
@@ -69,54 +81,12 @@ class SparsityPictures(Callback):
 
     @torch.no_grad()
     def on_fit_end(self, trainer, pl_module):
-        if "activation_frequency" not in pl_module.epoch_figures:
-            return
-        publish(trainer, "features", decoder_features(pl_module), self.png)
-
-
-def decoder_features(pl_module) -> torch.Tensor:
-    """One tile per latent unit: the decoder's output for that unit on alone, minus its output at 0."""
-    eye = torch.eye(pl_module.latent_dim, device=pl_module.device)
-    base = pl_module.likelihood.mean(pl_module.decode(torch.zeros_like(eye[:1])))
-    tiles = pl_module.likelihood.mean(pl_module.decode(eye)) - base
-    lo, hi = tiles.flatten(1).min(1).values, tiles.flatten(1).max(1).values
-    tiles = (tiles - lo.view(-1, 1, 1, 1)) / (hi - lo).clamp_min(1e-8).view(-1, 1, 1, 1)
-    return make_grid(tiles.cpu(), nrow=int(len(tiles) ** 0.5 + 0.999), pad_value=1.0)
-
-
-class PriorSamples(Callback):
-    """For models with a prior (VAE): a grid of decoded samples z ~ N(0, I) each epoch."""
-
-    def __init__(self, n: int = 64, dirpath: str = ".", filename: str = "samples.png", seed: int = 0):
-        self.n, self.png, self.seed = n, Path(dirpath) / filename, seed
-
-    def on_validation_epoch_end(self, trainer, pl_module):
-        if not pl_module.bottleneck.stochastic or trainer.sanity_checking:
-            return
-        g = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        x = pl_module.sample(self.n, generator=g)
-        publish(trainer, "val/samples", make_grid(x.cpu(), nrow=int(self.n ** 0.5), pad_value=1.0), self.png)
-
-
-class LatentManifold(Callback):
-    """For a 2-D latent: the decoded grid of latent points and a scatter of test posterior means."""
-
-    def __init__(self, n: int = 20, dirpath: str = ".", scatter_examples: int = 2000):
-        self.n, self.dir, self.scatter_examples = n, Path(dirpath), scatter_examples
-
-    @torch.no_grad()
-    def on_validation_epoch_end(self, trainer, pl_module):
-        if pl_module.latent_dim != 2 or trainer.sanity_checking:
-            return
-        # Points at evenly spaced quantiles of N(0, 1), as in Kingma & Welling (2014), fig. 4.
-        q = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, self.n))
-        zz = torch.cartesian_prod(q.flip(0), q)[:, [1, 0]].to(pl_module.device)
-        x = pl_module.likelihood.mean(pl_module.decode(zz))
-        publish(trainer, "val/latent_manifold", make_grid(x.cpu(), nrow=self.n, padding=0), self.dir / "manifold.png")
+        if "activation_frequency" in pl_module.epoch_figures:
+            publish(trainer, "features", decoder_features(pl_module), self.dir / "features.png")
 
     @torch.no_grad()
     def on_test_epoch_end(self, trainer, pl_module):
-        if pl_module.latent_dim != 2 or not trainer.is_global_zero:
+        if pl_module.latent_dim != 2 or not self.scatter_examples or not trainer.is_global_zero:
             return
         import matplotlib
 
@@ -134,3 +104,13 @@ class LatentManifold(Callback):
         for writer in image_loggers(trainer):
             writer.add_figure("test/latent_scatter", fig, trainer.global_step)
         plt.close(fig)
+
+
+def decoder_features(pl_module) -> torch.Tensor:
+    """One tile per latent unit: the decoder's output for that unit on alone, minus its output at 0."""
+    eye = torch.eye(pl_module.latent_dim, device=pl_module.device)
+    base = pl_module.likelihood.mean(pl_module.decode(torch.zeros_like(eye[:1])))
+    tiles = pl_module.likelihood.mean(pl_module.decode(eye)) - base
+    lo, hi = tiles.flatten(1).min(1).values, tiles.flatten(1).max(1).values
+    tiles = (tiles - lo.view(-1, 1, 1, 1)) / (hi - lo).clamp_min(1e-8).view(-1, 1, 1, 1)
+    return make_grid(tiles.cpu(), nrow=int(len(tiles) ** 0.5 + 0.999), pad_value=1.0)

@@ -1,14 +1,16 @@
-"""Training throughput of autoenc's real path against a hand-written PyTorch loop, per family.
+"""Training throughput of autoenc against a hand-written PyTorch loop and Lightning's own floor, per family.
 
     python scripts/benchmark.py --data-root ../shared/data --out bench.json
     python scripts/benchmark.py --device cuda --precision bf16-mixed --compile
 
-Each family is trained in this process two ways, in alternating blocks of `--block` steps: as
-`autoenc train` builds it (Hydra compose over the project's configs → autoenc.train.build →
-Lightning Trainer, with its logger, progress bar and callbacks), and as a plain loop (forward,
-loss, backward, step) over the same network, batch size, optimizer and device-resident data.
-Alternating makes both paths share whatever else the machine is doing. Samples/s are timed over
-`--steps` steps of each after `--warmup` steps.
+Each family is trained in this process three ways over the same network, optimizer, batch size and
+device-resident data: as `autoenc train` builds it (the Trainer from autoenc.train.make_trainer with
+its logger, progress bar, checkpointing and callbacks, at default settings); as Lightning's floor (a
+minimal LightningModule whose training_step is the plain loop's loss, automatic optimization, no
+logger, bar or checkpoint); and as a plain loop (forward, loss, backward, step). Each Lightning path
+alternates with the plain loop in blocks of `--block` steps, so that both see whatever else the machine
+is doing. Per path: samples/s, the ratio to the plain loop, and the per-step overhead
+(1/path − 1/plain) · batch in µs.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ FAMILIES = {
     "contractive_estimate": ["model=contractive", "penalty.method=estimate"],
     "vae": ["model=vae"],
 }
+PATHS = ("autoenc", "floor")
 
 
 class PeakRSS:
@@ -74,7 +77,7 @@ def compose(args, family: str, out_dir: str):
     from autoenc.cli import CONFIGS
 
     overrides = [f"data={args.data}", f"data.batch_size={args.batch_size}", *FAMILIES[family],
-                 f"++trainer.max_steps={args.warmup + args.steps}", f"trainer.precision={args.precision}",
+                 f"trainer.max_steps={args.warmup + args.steps}", f"trainer.precision={args.precision}",
                  f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
                  f"model.compile={args.compile}", f"paths.output_dir={out_dir}", "eval.iwae_samples=0",
                  *([f"data.root={args.data_root}"] if args.data_root and args.data != "digits" else []),
@@ -88,6 +91,18 @@ def sync(device: str) -> None:
 
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def plain_loss(model, x, g):
+    """The training loss written out by hand from the model's parts: noise, encoder, bottleneck,
+    decoder, likelihood, the bottleneck's term and the penalty."""
+    x = x if x.is_floating_point() else x.float().div_(255)
+    x_tilde = model.noise(x, g) if model.noise is not None else x
+    latent = model.bottleneck(model.encoder(x_tilde))
+    loss = model.likelihood.nll(model.decoder(latent.z).float(), x).mean()
+    extra = model.bottleneck.terms(latent, loss, None)[0]
+    penalty = model.penalty(latent.code, x_tilde, model.encoder, model.bottleneck)[0]
+    return loss + sum(t for t in (extra, penalty) if t is not None)
 
 
 class PlainLoop:
@@ -110,23 +125,14 @@ class PlainLoop:
 
     def run(self, steps: int) -> tuple[float, float]:
         """Trains `steps` steps; returns their wall and process CPU seconds."""
-        import torch
-
-        m, b = self.model, self.args.batch_size
-        enc, dec, bottleneck, penalty, nll, noise = m.encoder, m.decoder, m.bottleneck, m.penalty, m.likelihood.nll, m.noise
+        b = self.args.batch_size
         sync(self.args.device)
         w0, c0 = time.perf_counter(), time.process_time()
         for _ in range(steps):
             start = self.done * b % (len(self.x_all) - b + 1)
             self.done += 1
-            x = self.x_all[self.order[start:start + b]]
-            x = x.float().div_(255) if x.dtype == torch.uint8 else x
-            x_tilde = noise(x, self.g) if noise is not None else x
             with self.autocast:
-                latent = bottleneck(enc(x_tilde))
-                recon = nll(dec(latent.z).float(), x).mean()
-                loss = (recon + bottleneck.terms(latent, recon, None)[0]
-                        + penalty(latent.code, x_tilde, enc, bottleneck)[0])
+                loss = plain_loss(self.model, self.x_all[self.order[start:start + b]], self.g)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
@@ -134,55 +140,75 @@ class PlainLoop:
         return time.perf_counter() - w0, time.process_time() - c0
 
 
-def run_family(args, family: str) -> dict:
-    """Fits through Lightning as `autoenc train` does, and runs the plain loop in alternating blocks.
-
-    After warm-up, every `--block` optimizer steps of the Trainer are followed by as many plain-loop
-    steps, so that both paths see the same machine (other load, clock speed) over the run.
-    """
+def floor_module(model, g):
+    """Lightning's floor: a LightningModule that only computes the plain loop's loss (automatic optimization)."""
     import lightning.pytorch as pl
-    import torch
 
-    from autoenc.train import build, make_trainer, quiet_lightning
+    class Floor(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = model
 
-    totals = {"autoenc": [0.0, 0.0], "plain": [0.0, 0.0], "steps": 0}
-    cuda_peak = {"autoenc": 0, "plain": 0}
+        def training_step(self, batch, batch_idx):
+            return plain_loss(self.net, batch[0], g)
 
-    def peak(path):
-        if args.device == "cuda":
-            cuda_peak[path] = max(cuda_peak[path], torch.cuda.max_memory_allocated())
-            torch.cuda.reset_peak_memory_stats()
+        def configure_optimizers(self):
+            return self.net.optimizer_factory(self.net.parameters())
+
+    return Floor()
+
+
+def alternate(args, plain, totals: dict, path: str):
+    """A callback that times the Trainer's steps in blocks and runs as many plain-loop steps after each.
+    Validation and what follows it (checkpoint, pictures) until the next step are left out of the
+    blocks and timed apart, as `epoch_end_s`: the steps of both paths are what is compared."""
+    import lightning.pytorch as pl
 
     class Alternate(pl.Callback):
-        """Times the Trainer's steps in blocks and runs the plain loop for as many steps after each."""
+        clock = paused = None
 
-        clock = None
+        def on_validation_start(self, trainer, pl_module):
+            if self.clock is not None and not trainer.sanity_checking:
+                self.paused = time.perf_counter(), time.process_time()
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if self.paused is not None:  # shift the block's start past the validation
+                wall, cpu = time.perf_counter() - self.paused[0], time.process_time() - self.paused[1]
+                self.clock = self.clock[0], self.clock[1] + wall, self.clock[2] + cpu
+                totals[f"epoch_end_{path}"] = totals.get(f"epoch_end_{path}", []) + [wall]
+                self.paused = None
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             step = trainer.global_step  # optimizer steps done so far
             if self.clock is None:
-                if "first_step" not in totals:  # the end of the first training_step call
-                    totals["first_step"] = time.perf_counter(), process_age()
+                totals.setdefault("first_step", (time.perf_counter(), process_age()))
                 if step < args.warmup:
                     return
                 plain.run(args.warmup)
-                peak("plain")
             else:
                 sync(args.device)
                 n = step - self.clock[0]
                 if n < args.block and step < args.warmup + args.steps:
                     return
-                w, c = time.perf_counter() - self.clock[1], time.process_time() - self.clock[2]
-                peak("autoenc")
-                totals["autoenc"][0] += w
-                totals["autoenc"][1] += c
-                totals["steps"] += n
-                for i, v in enumerate(plain.run(n)):
-                    totals["plain"][i] += v
-                peak("plain")
+                wall, cpu = time.perf_counter() - self.clock[1], time.process_time() - self.clock[2]
+                pw, pc = plain.run(n)
+                for key, value in ((path, (wall, cpu)), (f"plain_{path}", (pw, pc))):
+                    totals[key] = [a + b for a, b in zip(totals.get(key, (0.0, 0.0)), value)]
+                totals[f"steps_{path}"] = totals.get(f"steps_{path}", 0) + n
             sync(args.device)
             self.clock = step, time.perf_counter(), time.process_time()
 
+    return Alternate()
+
+
+def run_family(args, family: str) -> dict:
+    """Fits the autoenc path and the floor path, each alternating with the plain loop."""
+    import lightning.pytorch as pl
+    import torch
+
+    from autoenc.train import build, make_trainer, quiet_lightning
+
+    totals: dict = {}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as out, PeakRSS() as mem:
         cfg = compose(args, family, out)
@@ -193,21 +219,27 @@ def run_family(args, family: str) -> dict:
         quiet_lightning()
         pl.seed_everything(cfg.seed, verbose=False)
         datamodule, model = build(cfg)
-        trainer = make_trainer(cfg, Alternate())
-        trainer.fit(model, datamodule=datamodule)
-    row, n = {"steps": totals["steps"]}, totals["steps"] * args.batch_size
-    for path in ("autoenc", "plain"):
-        wall, cpu = totals[path]
-        row[path] = {"samples_per_s": n / wall, "cpu_samples_per_s": n / cpu}
-        if args.device == "cuda":
-            row[path]["peak_cuda_mb"] = cuda_peak[path] / 2**20
-    row["peak_rss_mb"] = mem.peak / 2**20
-    # compose, then build and fit up to the end of the first step (the plain loop's build left out)
-    row["autoenc"]["startup_s"] = (plain_t0 - t0) + totals["first_step"][0] - t1
-    row["plain"]["startup_s"] = plain_startup
+        make_trainer(cfg, alternate(args, plain, totals, "autoenc")).fit(model, datamodule=datamodule)
+        autoenc_startup = (plain_t0 - t0) + totals["first_step"][0] - t1
+        _, net = build(cfg)
+        g = torch.Generator(device=args.device).manual_seed(1)
+        floor = pl.Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1,
+                           precision=args.precision, max_steps=args.warmup + args.steps, logger=False,
+                           enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                           num_sanity_val_steps=0, limit_val_batches=0, callbacks=[alternate(args, plain, totals, "floor")])
+        floor.fit(floor_module(net, g), train_dataloaders=datamodule.train_dataloader())
+    row = {"steps": totals["steps_autoenc"], "peak_rss_mb": mem.peak / 2**20}
+    for path in PATHS:
+        n = totals[f"steps_{path}"] * args.batch_size
+        (wall, cpu), (pwall, pcpu) = totals[path], totals[f"plain_{path}"]
+        row[path] = {"samples_per_s": n / wall, "cpu_samples_per_s": n / cpu, "plain_samples_per_s": n / pwall,
+                     "ratio": pwall / wall, "ratio_cpu": pcpu / cpu,
+                     "overhead_us": 1e6 * (wall - pwall) / totals[f"steps_{path}"]}
+    row["plain"] = {"samples_per_s": row["autoenc"]["plain_samples_per_s"], "startup_s": plain_startup}
+    row["autoenc"]["startup_s"] = autoenc_startup  # compose, build and fit up to the end of the first step
+    if totals.get("epoch_end_autoenc"):  # validation, checkpoint and pictures: once an epoch, not per step
+        row["autoenc"]["epoch_end_s"] = sum(totals["epoch_end_autoenc"]) / len(totals["epoch_end_autoenc"])
     row["since_process_start"] = totals["first_step"][1]
-    row["ratio"] = row["autoenc"]["samples_per_s"] / row["plain"]["samples_per_s"]
-    row["ratio_cpu"] = row["autoenc"]["cpu_samples_per_s"] / row["plain"]["cpu_samples_per_s"]
     return row
 
 
@@ -221,10 +253,8 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=30, help="untimed steps before timing")
     p.add_argument("--block", type=int, default=50, help="steps of each path between switches")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    # 1 by default: on a small shared CPU, OpenMP threads that wait on each other under other load
-    # slowed a plain step ~45× (2 threads vs 1 on the 2-core machine of the README's table).
-    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads, same in both paths")
-    p.add_argument("--compile", action="store_true", help="model.compile=true (torch.compile) in both paths")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads, same in every path")
+    p.add_argument("--compile", action="store_true", help="model.compile=true (torch.compile) in every path")
     p.add_argument("--precision", default="32-true", help="trainer.precision, e.g. bf16-mixed")
     p.add_argument("--override", nargs="*", default=[], help="extra `autoenc train` overrides")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -238,7 +268,7 @@ def main(argv=None) -> dict:
     env = {"device": args.device, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
            "torch": torch.__version__, "batch_size": args.batch_size, "steps": args.steps,
            "warmup": args.warmup, "block": args.block, "compile": args.compile,
-           "precision": args.precision, "data": args.data}
+           "precision": args.precision, "data": args.data, "override": args.override}
     if args.device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
     rows, first_step = {}, None
@@ -249,22 +279,17 @@ def main(argv=None) -> dict:
         print(format_row(family, row), flush=True)
     # again as one block: the progress bars of the autoenc runs interleave with the lines above
     print("\n".join(format_row(f, r) for f, r in rows.items()))
-    result = {"env": env, "families": rows}
-    if first_step is not None:
-        # command start to the first family's first training step (imports, compose, data, sanity check)
-        result["process_to_first_step_s"] = first_step
+    result = {"env": env, "families": rows, "process_to_first_step_s": first_step}
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
 def format_row(family: str, row: dict) -> str:
-    a, p = row["autoenc"], row["plain"]
-    mem = (f"peak_cuda_mb {a['peak_cuda_mb']:6.0f} / {p['peak_cuda_mb']:6.0f}" if "peak_cuda_mb" in a
-           else f"peak_rss_mb {row['peak_rss_mb']:6.0f} (both)")
-    return (f"{family:<21} autoenc {a['samples_per_s']:9.0f}/s  plain {p['samples_per_s']:9.0f}/s"
-            f"  ratio {row['ratio']:.3f} (cpu {row['ratio_cpu']:.3f})  {mem}"
-            f"  startup {a['startup_s']:.2f}s / {p['startup_s']:.2f}s")
+    a, f = row["autoenc"], row["floor"]
+    return (f"{family:<21} plain {row['plain']['samples_per_s']:8.0f}/s  autoenc {a['samples_per_s']:8.0f}/s "
+            f"ratio {a['ratio']:.3f} overhead {a['overhead_us']:6.0f} µs  |  Lightning floor ratio {f['ratio']:.3f} "
+            f"overhead {f['overhead_us']:6.0f} µs  |  peak_rss_mb {row['peak_rss_mb']:5.0f}")
 
 
 if __name__ == "__main__":

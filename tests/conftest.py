@@ -88,19 +88,25 @@ def one_line_error(proc) -> str:
     return lines[0]
 
 
-def cli_error(capsys, *argv: str) -> str:
-    """Runs `autoenc ARGV` in this process, expecting a refusal: exit code 2 and one stderr line."""
+def cli_here(*argv: str) -> None:
+    """Runs `autoenc ARGV` in this process (main() sets Hydra's variables and sys.argv for its job:
+    they are put back)."""
     from autoenc import cli
 
     env, argv0 = dict(os.environ), sys.argv
-    capsys.readouterr()
     try:
-        with pytest.raises(SystemExit) as exit_:
-            cli.main(list(argv))
-    finally:  # main() sets Hydra's variables and sys.argv for the job it runs
+        cli.main(list(argv))
+    finally:
         os.environ.clear()
         os.environ.update(env)
         sys.argv = argv0
+
+
+def cli_error(capsys, *argv: str) -> str:
+    """Runs `autoenc ARGV` in this process, expecting a refusal: exit code 2 and one stderr line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        cli_here(*argv)
     out, err = capsys.readouterr()
     assert exit_.value.code == 2, err
     assert "Traceback" not in out + err

@@ -84,3 +84,33 @@ def test_help_lists_groups_and_cfg_prints_the_config():
 def test_unknown_command_is_one_line_error():
     proc = autoenc("trian", check=False)
     assert proc.returncode == 2 and "choose one of: train" in proc.stderr
+
+
+def test_threads_auto_follows_omp_num_threads_else_half_the_cores(monkeypatch):
+    import os
+
+    from autoenc.cli import set_threads
+
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        set_threads("auto")
+        assert torch.get_num_threads() == max(1, len(os.sched_getaffinity(0)) // 2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        set_threads("auto")
+        assert torch.get_num_threads() == 3
+        set_threads(2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_every_command_applies_threads_before_it_works(tmp_path, capsys):
+    from conftest import FAST, cli_error
+
+    try:  # refused after the threads are set: the run itself is not needed
+        cli_error(capsys, "train", f"hydra.run.dir={tmp_path}", *FAST, "threads=3", f"ckpt_path={tmp_path / 'none.ckpt'}")
+        assert torch.get_num_threads() == 3
+        cli_error(capsys, "evaluate", "threads=2", f"ckpt={tmp_path / 'none.ckpt'}")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)

@@ -108,7 +108,7 @@ def test_lightning_gradient_clipping_bounds_the_step(tmp_path):
 
     clip = 1e-3
     overrides = ["model.optimizer._target_=torch.optim.SGD", "model.optimizer.lr=1.0", "model.scheduler=null",
-                 f"+trainer.gradient_clip_val={clip}", "trainer.limit_train_batches=1"]
+                 f"trainer.gradient_clip_val={clip}", "trainer.limit_train_batches=1"]
     train_here(tmp_path, *overrides)
     pl.seed_everything(0, workers=True, verbose=False)  # as train() does: the same initial weights
     _, model = build(compose(*overrides))
@@ -136,6 +136,7 @@ def _wait_for(path, proc, timeout=120):
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
     args = ["trainer.max_epochs=3", "model=denoising", "data.batch_size=16", "trainer.enable_progress_bar=false"]
     full = train_run(tmp_path / "full", *args, fast=False)
@@ -151,6 +152,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
     assert resumed == full
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     proc = _start(tmp_path, "trainer.max_epochs=1000")
     _wait_for(tmp_path / "checkpoints" / "last.ckpt", proc)

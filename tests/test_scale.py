@@ -13,8 +13,8 @@ from conftest import FAST, ROOT, autoenc, train_run
 
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "eval.iwae_samples=4"]
 # Whole batches only (5 train, 1 val, 2 test per epoch), so both runs see exactly the same examples.
-LIMITS = ["trainer.max_epochs=2", "+trainer.limit_train_batches=5", "+trainer.limit_val_batches=1",
-          "+trainer.limit_test_batches=2", "model=ae", *QUIET]
+LIMITS = ["trainer.max_epochs=2", "trainer.limit_train_batches=5", "trainer.limit_val_batches=1",
+          "trainer.limit_test_batches=2", "model=ae", *QUIET]
 
 
 def hparams_entry(run_dir: Path) -> tuple[dict, set[str], dict[str, float]]:
@@ -41,6 +41,7 @@ def hparams_entry(run_dir: Path) -> tuple[dict, set[str], dict[str, float]]:
     return hparams, tags, values
 
 
+@pytest.mark.slow
 def test_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(tmp_path):
     ddp = tmp_path / "ddp"
     autoenc("train", f"hydra.run.dir={ddp}", "trainer=ddp_cpu", "data.batch_size=32", *LIMITS)
@@ -58,11 +59,12 @@ def test_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(tmp_
     assert (ddp / "train_ddp_process_1.log").is_file() and not (ROOT / "outputs" / "ddp").exists()
 
 
+@pytest.mark.slow
 def test_ddp_multirun_keeps_each_run_and_its_hparams_when_one_fails(tmp_path):
     sweep = tmp_path / "sweep"
     proc = autoenc("train", "-m", f"hydra.sweep.dir={sweep}", "model.latent_dim=2,3,0", "trainer=ddp_cpu",
-                   "trainer.max_epochs=1", "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=1",
-                   "+trainer.limit_test_batches=1", *QUIET)
+                   "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1",
+                   "trainer.limit_test_batches=1", *QUIET)
     for job, dim in (("0", 2), ("1", 3)):
         assert (sweep / job / "train_ddp_process_1.log").is_file()  # each job started its own second rank
         results = json.loads((sweep / job / "results.json").read_text())
@@ -76,6 +78,7 @@ def test_ddp_multirun_keeps_each_run_and_its_hparams_when_one_fails(tmp_path):
     assert f"#2 model.latent_dim=0: FAILED: {error.strip()}" in proc.stdout
 
 
+@pytest.mark.slow
 def test_optuna_search_runs_trials_and_saves_the_best(tmp_path):
     sweep = tmp_path / "search"
     proc = autoenc("train", "-m", "hparams_search=sparse", "hydra.sweeper.n_trials=3",

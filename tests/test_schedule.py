@@ -33,7 +33,7 @@ def test_per_epoch_interval_steps_once_an_epoch(tmp_path):
     assert [lrs[s] for s in (0, 2, 3, 5, 6, 8)] == pytest.approx([cosine(e, 3) for e in (0, 0, 1, 1, 2, 2)], rel=1e-5)
 
 
-@pytest.mark.parametrize("length", [["trainer.max_epochs=-1", "+trainer.max_steps=6"], ["~trainer.max_epochs", "+trainer.max_steps=6"]])
+@pytest.mark.parametrize("length", [["trainer.max_epochs=-1", "trainer.max_steps=6"], ["~trainer.max_epochs", "trainer.max_steps=6"]])
 def test_a_run_bounded_by_steps_alone_decays_over_its_steps(tmp_path, length):
     train_here(tmp_path, *length, "trainer.log_every_n_steps=1")
     lrs = [v for _, v in tb_scalars(tmp_path, "train/lr")]

@@ -153,6 +153,7 @@ def test_interpolate_paths_and_vae_traversal(vae, tmp_path):
     assert png_size(tmp_path / "i_traversal.png") == grid_px(5, 4)  # one row per latent dimension
 
 
+@pytest.mark.slow
 def test_compare_tabulates_every_run_of_a_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     autoenc("train", "-m", "model.latent_dim=2,4", f"hydra.sweep.dir={sweep}", *FAST)
