@@ -41,7 +41,7 @@ class Linear(nn.Module):
         """∂code_j/∂h_j as a function of the code (the diagonal of an elementwise activation's Jacobian)."""
         return torch.ones_like(code)
 
-    def forward(self, h: torch.Tensor) -> Latent:
+    def forward(self, h: torch.Tensor, generator: torch.Generator | None = None) -> Latent:
         code = self.activation(h)
         return Latent(code, code, h)
 
@@ -117,10 +117,10 @@ class Gaussian(Linear):
     def head_dim(self, latent_dim):
         return 2 * latent_dim
 
-    def forward(self, h):
+    def forward(self, h, generator=None):
         mean, logvar = h.chunk(2, dim=1)
-        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
-        return Latent(z, mean, h, mean, logvar)
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return Latent(mean + torch.exp(0.5 * logvar) * eps, mean, h, mean, logvar)
 
     def beta_at(self, progress: float | None) -> float:
         """β, ramped linearly from 0 over the first `warmup_epochs` epochs of training (else β)."""
@@ -146,10 +146,11 @@ class Gaussian(Linear):
         """n codes from the prior N(0, I)."""
         return torch.randn(n, latent_dim, generator=generator, device=device)
 
-    def importance_samples(self, h: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def importance_samples(self, h: torch.Tensor, n: int, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
         """n draws z ~ q(z|x) per example, shape (n, B, d), and log p(z) − log q(z|x), shape (n, B)."""
         mean, logvar = h.chunk(2, dim=1)
-        z = mean + torch.exp(0.5 * logvar) * torch.randn(n, *mean.shape, device=h.device, dtype=h.dtype)
+        eps = torch.randn(n, *mean.shape, generator=generator, device=h.device, dtype=h.dtype)
+        z = mean + torch.exp(0.5 * logvar) * eps
         return z, log_normal(z, torch.zeros_like(z), torch.zeros_like(z)) - log_normal(z, mean, logvar)
 
 

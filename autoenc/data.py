@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from autoenc.errors import UserError
-from autoenc.seeds import derive
+from autoenc.seeds import Stream, derive
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -20,9 +20,19 @@ class TensorBatches:
     """Batches `(x, y)` cut from in-memory tensors by a per-epoch permutation; one shard per rank."""
 
     def __init__(self, x, y, batch_size: int, shuffle: bool, seed: int, epoch: Callable[[], int],
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, position: Callable[[], int] = lambda: 0):
         self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
-        self.seed, self.epoch, self.rank, self.world = seed, epoch, rank, world
+        self.seed, self.epoch, self.rank, self.world, self.position = seed, epoch, rank, world, position
+
+    def state_dict(self) -> dict:
+        """Where training is in the data, stored in checkpoints: the epoch and the batches of it that the
+        training loop has processed (not the ones prefetched)."""
+        return {"epoch": self.epoch(), "position": self.position(), "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Nothing to restore: a pass starts at the training loop's own count of processed batches, which
+        Lightning restores from the checkpoint (also when it sets the data up before restoring, as
+        `Trainer.estimated_stepping_batches` makes it do)."""
 
     def __len__(self) -> int:
         step = self.batch_size * self.world
@@ -40,7 +50,7 @@ class TensorBatches:
         else:
             order = torch.arange(n)
         order, step = order.to(self.x.device), self.batch_size * self.world
-        for k in range(len(self)):
+        for k in range(self.position(), len(self)):  # a run resumed inside an epoch continues it
             chunk = order[k * step:(k + 1) * step]
             idx = chunk[:len(chunk) - len(chunk) % self.world].view(self.world, -1)[self.rank]
             yield self.x[idx], self.y[idx]
@@ -56,7 +66,7 @@ class TensorDataModule(pl.LightningDataModule):
         self.root = Path(root).expanduser()
         self.batch_size, self.val_fraction, self.binarize = batch_size, val_fraction, binarize
         self.split_seed, self.seed, self.on_device = split_seed, seed, on_device
-        self._binarizer: tuple[int, torch.Generator] | None = None
+        self._binarizer: Stream | None = None
         self._splits: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -94,9 +104,13 @@ class TensorDataModule(pl.LightningDataModule):
     def _batches(self, split: str, shuffle: bool) -> TensorBatches:
         x, y = self.splits[split]
         trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        epoch = (lambda: trainer.current_epoch) if trainer is not None else (lambda: 0)
-        return TensorBatches(x, y, self.batch_size, shuffle, self.seed, epoch, rank, world)
+        if trainer is None:
+            return TensorBatches(x, y, self.batch_size, shuffle, self.seed, lambda: 0)
+        def processed() -> int:  # batches the training loop has processed this epoch
+            return trainer.fit_loop.epoch_loop.batch_progress.current.processed if shuffle else 0
+
+        return TensorBatches(x, y, self.batch_size, shuffle, self.seed, lambda: trainer.current_epoch,
+                             trainer.global_rank, trainer.world_size, processed)
 
     def train_dataloader(self):
         return self._batches("train", shuffle=True)
@@ -115,12 +129,11 @@ class TensorDataModule(pl.LightningDataModule):
         return x, y
 
     def _binarizing(self, device) -> torch.Generator:
-        """The dynamic binarization's own stream of (seed, epoch, rank), apart from the module's."""
+        """The dynamic binarization's own stream, reseeded at every batch from (seed, rank, batch index)."""
         t = self.trainer
-        key = derive(self.seed, "binarize", t.current_epoch, t.global_rank)
-        if self._binarizer is None or self._binarizer[0] != key or self._binarizer[1].device != device:
-            self._binarizer = key, torch.Generator(device=device).manual_seed(key)
-        return self._binarizer[1]
+        if self._binarizer is None:
+            self._binarizer = Stream(self.seed, "binarize", t.global_rank)
+        return self._binarizer.at(t.fit_loop.total_batch_idx, device)
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from autoenc.bottlenecks import Latent, Linear
 from autoenc.errors import UserError
 from autoenc.likelihoods import Bernoulli
 from autoenc.penalties import Penalty
-from autoenc.seeds import derive
+from autoenc.seeds import Stream, derive
 
 log = logging.getLogger("autoenc")
 
@@ -48,7 +48,8 @@ class AutoencoderModule(pl.LightningModule):
         self.iwae_samples, self.iwae_chunk = iwae_samples, iwae_chunk
         self.noise_seed, self.seed = noise_seed, seed
         self.run_config: dict | None = None  # the resolved run config, stored in checkpoints
-        self._generators: dict[str, torch.Generator] = {}
+        self._streams: dict[tuple, Stream] = {}  # training randomness, reseeded every step
+        self._generators: dict[tuple, torch.Generator] = {}  # val/test randomness, restarted every epoch
         self._stats: dict[str, torch.Tensor] = {}
         self.epoch_figures: dict[str, torch.Tensor] = {}
         self._train_epoch: dict = {}  # keys, and (values, batch size) of each step of the epoch
@@ -57,8 +58,8 @@ class AutoencoderModule(pl.LightningModule):
             self.decoder.compile()
 
     # ---- the pipeline -------------------------------------------------------------------
-    def encode(self, x: torch.Tensor) -> Latent:
-        return self.bottleneck(self.encoder(x))
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Latent:
+        return self.bottleneck(self.encoder(x), generator)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Logits; the likelihood owns the output activation."""
@@ -68,26 +69,36 @@ class AutoencoderModule(pl.LightningModule):
         """Reconstruction from the deterministic code (the posterior mean where there is one)."""
         return self.likelihood.mean(self.decode(self.encode(x).code))
 
-    def corrupt(self, x: torch.Tensor, stage: str = "train") -> torch.Tensor:
-        if self.noise is None:
-            return x
-        g = self._generators.get(stage)
-        if g is None or g.device != x.device:
-            # Training noise has its own stream per (seed, epoch, rank); val/test noise restarts from
-            # noise_seed each epoch, so that their curves compare like with like across epochs and runs.
-            seed = (derive(self.seed, "noise", self.current_epoch, self.global_rank) if stage == "train"
-                    else derive(self.noise_seed, f"noise/{stage}", 0, self.global_rank))
-            g = self._generators[stage] = torch.Generator(device=x.device).manual_seed(seed)
-        return self.noise(x, g)
+    def generator(self, stage: str, name: str, device) -> torch.Generator:
+        """The generator of one source of randomness (`noise`, `model` sampling) for this stage. Training
+        reseeds it at every batch from (seed, name, rank, batch index), so a run resumed at any step draws
+        what the uninterrupted run drew; val/test restart it from noise_seed every epoch, so that their
+        curves compare like with like across epochs and runs. Each rank draws its own shard's."""
+        rank = self.global_rank
+        if stage == "train":
+            stream = self._streams.get((name, rank))
+            if stream is None:
+                stream = self._streams[name, rank] = Stream(self.seed, name, rank)
+            return stream.at(self.trainer.fit_loop.total_batch_idx if self._trainer else 0, device)
+        g = self._generators.get((stage, name))
+        if g is None or g.device != torch.device(device):
+            g = self._generators[stage, name] = torch.Generator(device=device).manual_seed(
+                derive(self.noise_seed, f"{name}/{stage}", 0, rank))
+        return g
 
-    def loss_terms(self, x: torch.Tensor, x_tilde: torch.Tensor, progress: float | None = None):
+    def corrupt(self, x: torch.Tensor, stage: str = "train") -> torch.Tensor:
+        return x if self.noise is None else self.noise(x, self.generator(stage, "noise", x.device))
+
+    def loss_terms(self, x: torch.Tensor, x_tilde: torch.Tensor, progress: float | None = None,
+                   generator: torch.Generator | None = None):
         """Loss and its parts (per-example sums, batch means); the reconstruction target is the clean x.
-        `progress`: epochs of training done (for the bottleneck's warm-up), None outside training."""
-        latent = self.encode(x_tilde)
+        `progress`: epochs of training done (for the bottleneck's warm-up), None outside training;
+        `generator`: the sampling's randomness (None: torch's global generator)."""
+        latent = self.encode(x_tilde, generator)
         logits = self.decode(latent.z)
         recon = self.likelihood.nll(logits, x).mean()
         extra, terms = self.bottleneck.terms(latent, recon, progress)
-        penalty, stats = self.penalty(latent.code, x_tilde, self.encoder, self.bottleneck)
+        penalty, stats = self.penalty(latent.code, x_tilde, self.encoder, self.bottleneck, generator)
         loss = recon
         for term in (extra, penalty):  # the terms that exist: no zeros added on every step
             loss = loss if term is None else loss + term
@@ -97,7 +108,7 @@ class AutoencoderModule(pl.LightningModule):
     def _shared_step(self, batch, stage: str, progress: float | None = None):
         x, _ = batch
         x_tilde = self.corrupt(x, stage)
-        terms, latent, logits = self.loss_terms(x, x_tilde, progress)
+        terms, latent, logits = self.loss_terms(x, x_tilde, progress, self.generator(stage, "model", x.device))
         if stage == "train":
             return terms
         if latent.z is not latent.code:  # evaluation reconstructs from the deterministic code
@@ -140,7 +151,7 @@ class AutoencoderModule(pl.LightningModule):
             w = torch.tensor(sizes, dtype=values[0].dtype, device=values[0].device)
             means = (torch.stack(values) * w[:, None]).sum(0) / w.sum()
             for k, v in zip(acc["keys"], means):
-                self.log(f"train/{k}_epoch", v, prog_bar=k == "loss")
+                self.log(f"train/{k}_epoch", v, prog_bar=k == "loss", sync_dist=True)
         acc.clear()
 
     def validation_step(self, batch, batch_idx):
@@ -150,18 +161,18 @@ class AutoencoderModule(pl.LightningModule):
         self._shared_step(batch, "test")
         if self.bottleneck.stochastic and self.iwae_samples:
             x = batch[0]  # the clean x: with noise= any q(z|x) is still a valid proposal
-            nll = -self.log_likelihood(x, self.iwae_samples).mean()
+            nll = -self.log_likelihood(x, self.iwae_samples, self.generator("test", "iwae", x.device)).mean()
             self.log("test/nll_iwae", nll, batch_size=len(x), sync_dist=True)
 
     # ---- what a stochastic bottleneck brings: prior samples and the IWAE bound -------------
     @torch.no_grad()
-    def log_likelihood(self, x: torch.Tensor, k: int) -> torch.Tensor:
+    def log_likelihood(self, x: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """IWAE estimate of log p(x) per example with k importance samples (Burda et al. 2015, eq. 8)."""
         h = self.encoder(x).float()  # float32 even under bf16 autocast
         chunks = []
         for start in range(0, k, self.iwae_chunk):
             n = min(self.iwae_chunk, k - start)
-            z, log_w = self.bottleneck.importance_samples(h, n)  # (n, B, d), log p(z) − log q(z|x)
+            z, log_w = self.bottleneck.importance_samples(h, n, generator)  # (n, B, d), log p(z) − log q(z|x)
             logits = self.decode(z.flatten(0, 1)).float()
             log_px = -self.likelihood.nll(logits, x.repeat(n, *[1] * (x.dim() - 1))).view(n, -1)
             chunks.append(log_px + log_w)
@@ -197,17 +208,20 @@ class AutoencoderModule(pl.LightningModule):
         self.log_dict({f"{stage}/{k}": v for k, v in self.epoch_figures.items() if v.dim() == 0})
 
     def on_train_epoch_start(self):
-        # The model's own randomness (reparameterization) is a function of (seed, epoch, rank), so a
-        # run resumed from an epoch's checkpoint continues exactly as the uninterrupted run would.
-        torch.manual_seed(derive(self.seed, "model", self.current_epoch, self.global_rank))
-        self._generators.pop("train", None)
+        # torch's global generator is left to user code (e.g. dropout in a custom net): seeded per epoch
+        torch.manual_seed(derive(self.seed, "global", self.current_epoch, self.global_rank))
+        self._train_epoch.clear()  # (not called when a run resumes inside an epoch)
+
+    def _restart(self, stage: str) -> None:
+        self._stats = {}
+        for key in [k for k in self._generators if k[0] == stage]:
+            del self._generators[key]
 
     def on_validation_epoch_start(self):
-        self._stats, _ = {}, self._generators.pop("val", None)
+        self._restart("val")
 
     def on_test_epoch_start(self):
-        torch.manual_seed(derive(self.seed, "test", 0, self.global_rank))  # the same figures every time
-        self._stats, _ = {}, self._generators.pop("test", None)
+        self._restart("test")
 
     def on_validation_epoch_end(self):
         self._end_epoch("val")
@@ -239,3 +253,12 @@ class AutoencoderModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.run_config is not None:
             checkpoint["autoenc_config"] = self.run_config
+        if self._train_epoch.get("steps"):  # so that a mid-epoch resume logs the whole epoch's means
+            values, sizes = zip(*self._train_epoch["steps"])
+            checkpoint["autoenc_train_epoch"] = {"epoch": self.current_epoch, "keys": self._train_epoch["keys"],
+                                                 "values": torch.stack(values).cpu(), "sizes": list(sizes)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("autoenc_train_epoch")  # a resumed epoch's earlier steps, for its means
+        if saved:
+            self._train_epoch = {"keys": saved["keys"], "steps": list(zip(saved["values"], saved["sizes"]))}

@@ -1,4 +1,5 @@
-"""Penalties: regularizers of the deterministic code, `(code, x_tilde, encoder, bottleneck) -> (term, stats)`.
+"""Penalties: regularizers of the deterministic code,
+`(code, x_tilde, encoder, bottleneck, generator) -> (term, stats)`.
 
 Every term is a per-example sum (over units, or over units and pixels) averaged over the batch, like
 the reconstruction, so a weight keeps its meaning when the latent size changes.
@@ -24,8 +25,8 @@ class Penalty:
         """Whether this penalty makes sense on the codes `bottleneck` produces."""
         return True
 
-    def __call__(self, code, x_tilde, encoder: nn.Module, bottleneck) -> tuple[torch.Tensor | None, dict]:
-        """The weighted term (None: no term) and figures to log."""
+    def __call__(self, code, x_tilde, encoder: nn.Module, bottleneck, generator=None) -> tuple[torch.Tensor | None, dict]:
+        """The weighted term (None: no term) and figures to log; `generator` for any randomness."""
         return None, {}
 
 
@@ -35,7 +36,7 @@ class L1(Penalty):
     def __init__(self, weight: float = 0.01):
         super().__init__(weight)
 
-    def __call__(self, code, x_tilde, encoder, bottleneck):
+    def __call__(self, code, x_tilde, encoder, bottleneck, generator=None):
         return self.weight * code.abs().sum(1).mean(), {}
 
 
@@ -51,8 +52,20 @@ class KL(Penalty):
     def accepts(self, bottleneck):
         return not bottleneck.stochastic and bottleneck.bounds[0] >= 0 and bottleneck.bounds[1] <= 1
 
-    def __call__(self, code, x_tilde, encoder, bottleneck):
-        return self.weight * kl_sparsity(code.mean(0), self.rho), {}
+    def __call__(self, code, x_tilde, encoder, bottleneck, generator=None):
+        return self.weight * kl_sparsity(global_batch_mean(code), self.rho), {}
+
+
+def global_batch_mean(code: torch.Tensor) -> torch.Tensor:
+    """Each unit's mean over the global batch: under DDP the sum over every rank's equal shard, by a
+    differentiable all-reduce, so that the rate ρ̂ and its gradient are those of one process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return code.mean(0)
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(code.sum(0)) / (len(code) * dist.get_world_size())
 
 
 def kl_sparsity(rho_hat: torch.Tensor, rho: float) -> torch.Tensor:
@@ -73,7 +86,7 @@ class Contractive(Penalty):
     def accepts(self, bottleneck):
         return not bottleneck.stochastic
 
-    def __call__(self, code, x_tilde, encoder, bottleneck):
+    def __call__(self, code, x_tilde, encoder, bottleneck, generator=None):
         linear = one_linear_layer(encoder)
         method = self.method if self.method != "auto" else "analytic" if linear is not None else "estimate"
 
@@ -89,7 +102,7 @@ class Contractive(Penalty):
             elif method == "exact":
                 sq = exact_jacobian_sq(encode, x_tilde)
             else:
-                sq = estimated_jacobian_sq(encode, x_tilde, self.projections)
+                sq = estimated_jacobian_sq(encode, x_tilde, self.projections, generator)
         return self.weight * sq.mean(), {"jacobian_fro": sq.detach().clamp_min(0).sqrt().mean()}
 
 
@@ -113,13 +126,13 @@ def exact_jacobian_sq(encode, x: torch.Tensor) -> torch.Tensor:
     return jac.flatten(1).pow(2).sum(1)
 
 
-def estimated_jacobian_sq(encode, x: torch.Tensor, projections: int = 1) -> torch.Tensor:
+def estimated_jacobian_sq(encode, x: torch.Tensor, projections: int = 1, generator=None) -> torch.Tensor:
     """Unbiased ‖J‖²_F = E_v ‖Jᵀv‖², v ~ N(0, I): one vector-Jacobian product per projection."""
     x = x.detach().requires_grad_(True)
     z = encode(x)
     total = 0.0
     for _ in range(projections):
-        v = torch.randn_like(z)
+        v = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
         (g,) = torch.autograd.grad(z, x, v, create_graph=True)
         total = total + g.flatten(1).pow(2).sum(1)
     return total / projections

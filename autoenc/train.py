@@ -21,7 +21,8 @@ def quiet_lightning() -> None:
     for pattern in (".*does not have many workers.*", ".*LeafSpec.*", ".*is deprecated.*",
                     ".*Checkpoint directory .* exists and is not empty.*",
                     ".*The number of training batches .* is smaller than the logging interval.*",
-                    ".*when logging on epoch level in distributed setting.*"):
+                    ".*when logging on epoch level in distributed setting.*", ".*litlogger.*",
+                    ".*was configured so 100% of the batches.*"):
         warnings.filterwarnings("ignore", message=pattern)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
@@ -65,25 +66,69 @@ def restore(model, ckpt: dict, path) -> None:
 
 
 class SafetyNet(Callback):
-    """Ctrl-C saves last.ckpt before exiting; a non-finite training loss stops the run, naming its step.
-    The losses are checked every `log_every_n_steps` steps, at epoch ends and before any checkpoint is
-    written: one host sync per check rather than one per step, and no checkpoint of a diverged model."""
+    """Ctrl-C stops at the end of the current step and saves last.ckpt there, so that a resume continues
+    exactly (a second Ctrl-C stops at once, saving nothing); a non-finite training loss stops the run,
+    naming its step. The losses are checked every `log_every_n_steps` steps, at epoch ends and before
+    any checkpoint is written: one host sync per check, not per step, and no checkpoint of a diverged
+    model."""
 
     def __init__(self, dirpath: str):
         self.last = Path(dirpath) / "last.ckpt"
         self._losses: list = []  # (optimizer step, detached loss) since the last check
+        self.stopping, self._handler = False, None
+
+    def _ask_to_stop(self, signum, frame):
+        if self.stopping:
+            raise KeyboardInterrupt
+        self.stopping = True
+        print("\nstopping at the end of this step (Ctrl-C again to stop at once)", flush=True)
+
+    def on_train_start(self, trainer, pl_module):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._handler = signal.signal(signal.SIGINT, self._ask_to_stop)
+
+    def on_train_end(self, trainer, pl_module):
+        import signal
+
+        if self._handler is not None:
+            signal.signal(signal.SIGINT, self._handler)
+            self._handler = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self._losses.append((trainer.global_step, loss.detach()))
-        if len(self._losses) >= (trainer.log_every_n_steps or 1):
+        due = len(self._losses) >= (trainer.log_every_n_steps or 1)
+        if due:
             self.check(trainer)
+        if trainer.world_size == 1:
+            stop = self.stopping
+        else:  # every rank must stop at the same step: they agree at each check
+            stop = due and trainer.strategy.reduce_boolean_decision(self.stopping, all=False)
+        if stop:
+            self.stop(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module):
         self.check(trainer)
+        if self.stopping:
+            self.stop(trainer)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         self.check(trainer)
+
+    def stop(self, trainer) -> None:
+        """Saves last.ckpt at this step boundary and ends the run (as Ctrl-C does in Lightning)."""
+        trainer.save_checkpoint(self.last, weights_only=False)
+        print(f"interrupted at step {trainer.global_step}; saved {self.last}; "
+              f"resume with: autoenc train ckpt_path={self.last}", flush=True)
+        raise KeyboardInterrupt
+
+    def on_exception(self, trainer, pl_module, exception):
+        if isinstance(exception, KeyboardInterrupt) and not self.stopping:
+            print(f"interrupted at step {trainer.global_step}; last checkpoint: "
+                  f"{self.last if self.last.is_file() else 'none'}", flush=True)
 
     def check(self, trainer) -> None:
         import torch
@@ -97,12 +142,6 @@ class SafetyNet(Callback):
             kept = f"the last good checkpoint is kept: {self.last}" if self.last.is_file() else "no checkpoint was saved yet"
             raise UserError(f"the training loss became {losses[first].item()} at step {steps[first]} (epoch "
                             f"{trainer.current_epoch}); lower model.optimizer.lr or check the data; {kept}")
-
-    def on_exception(self, trainer, pl_module, exception):
-        if isinstance(exception, KeyboardInterrupt):
-            trainer.save_checkpoint(self.last)
-            print(f"interrupted at step {trainer.global_step}; saved {self.last}; "
-                  f"resume with: autoenc train ckpt_path={self.last}", flush=True)
 
 
 def build(cfg: DictConfig):
@@ -141,7 +180,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.ckpt_path:
         restore(model, load_checkpoint(cfg.ckpt_path), cfg.ckpt_path)  # a clear error before Lightning reads it
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
-    ckpt = trainer.checkpoint_callback
+    ckpt = next((cb for cb in trainer.checkpoint_callbacks if cb.monitor), None)  # the best-by-val/loss one
     best = ckpt.best_model_path if ckpt else ""
     # The tested checkpoint's monitored score (best val/loss): what `-m` searches optimize.
     results = {ckpt.monitor: float(ckpt.best_model_score)} if best and ckpt.best_model_score is not None else {}

@@ -17,7 +17,7 @@ def test_benchmark_measures_every_family_and_finds_a_known_per_step_cost(tmp_pat
     """5 ms of sleep after each autoenc step must show as ≥ 5,000 µs of autoenc overhead, and not in the
     Lightning floor, which runs without it."""
     out = tmp_path / "bench.json"
-    delay = ["+callbacks.delay._target_=delay.Delay", "+callbacks.delay.seconds=0.005"]
+    delay = ["+callbacks.delay._target_=helpers.Delay", "+callbacks.delay.seconds=0.005"]
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--data", "digits",
                            "--steps", "6", "--warmup", "2", "--block", "3", "--out", str(out), "--override",
                            "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", *delay],

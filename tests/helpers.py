@@ -1,0 +1,28 @@
+"""Callbacks the tests add to runs through `+callbacks.<name>._target_=helpers.<Class>`."""
+
+import signal
+import time
+
+from lightning.pytorch.callbacks import Callback
+
+
+class Delay(Callback):
+    """Sleeps after every training step: a known cost for the benchmark to find."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def on_train_batch_end(self, *args):
+        time.sleep(self.seconds)
+
+
+class CtrlC(Callback):
+    """Presses Ctrl-C once, as the user would, after optimizer step `step` (through SafetyNet's handler)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            safety = next(cb for cb in trainer.callbacks if type(cb).__name__ == "SafetyNet")
+            safety._ask_to_stop(signal.SIGINT, None)
