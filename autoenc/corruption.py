@@ -9,9 +9,10 @@ def _uniform(x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
     return torch.rand(x.shape, generator=g, device=x.device, dtype=x.dtype)
 
 
-def gaussian(x: torch.Tensor, g: torch.Generator | None = None, std: float = 0.3) -> torch.Tensor:
-    """Additive N(0, std²) noise, clipped back to [0, 1]."""
-    return (x + std * torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)).clamp_(0, 1)
+def gaussian(x: torch.Tensor, g: torch.Generator | None = None, std: float = 0.3, clip: bool = True) -> torch.Tensor:
+    """Additive N(0, std²) noise, clipped back to [0, 1] (`clip=false` for unbounded data)."""
+    x = x + std * torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+    return x.clamp_(0, 1) if clip else x
 
 
 def masking(x: torch.Tensor, g: torch.Generator | None = None, p: float = 0.3) -> torch.Tensor:

@@ -12,6 +12,8 @@ from torch import nn
 class Bernoulli(nn.Module):
     """p(x|z) = Bernoulli(sigmoid(logits)): binary cross-entropy, also the usual loss for [0, 1] pixels."""
 
+    bounds = (0.0, 1.0)  # the values it can model (None: any)
+
     def nll(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """−log p(x|z) per example, summed over pixels (nats)."""
         return F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
@@ -26,7 +28,7 @@ class Gaussian(nn.Module):
 
     def __init__(self, sigma: float | None = None, bounded: bool = True):
         super().__init__()
-        self.bounded = bounded
+        self.bounded, self.bounds = bounded, (0.0, 1.0) if bounded else None
         log_sigma = torch.tensor(math.log(sigma) if sigma else 0.0)
         if sigma is None:
             self.log_sigma = nn.Parameter(log_sigma)
@@ -39,3 +41,16 @@ class Gaussian(nn.Module):
 
     def mean(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits) if self.bounded else logits
+
+
+class SquaredError(nn.Module):
+    """Σ (x − logits)² per example: plain MSE training (a Gaussian of fixed σ = 1/√2 up to a constant),
+    for unbounded values such as embeddings or standardized tabular data; the output is the logits."""
+
+    bounds = None
+
+    def nll(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return (x - logits).pow(2).flatten(1).sum(1)
+
+    def mean(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits

@@ -33,6 +33,10 @@ def conv(shape: Sequence[int], latent_dim: int, head_dim: int | None = None,
          channels: Sequence[int] = (32, 64), activation: str = "ReLU") -> tuple[nn.Module, nn.Module]:
     """Stride-2 3×3 convolutions (each halves H, W, rounding up) to a head of head_dim (default
     latent_dim) units, and transposed mirrors."""
+    if len(shape) != 3:
+        from autoenc.errors import UserError
+
+        raise UserError(f"net=conv needs images (C, H, W); this data's examples have shape {tuple(shape)}: use net=mlp")
     c, h, w = shape
     sizes = [(h, w)]
     for _ in channels:

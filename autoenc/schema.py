@@ -52,6 +52,7 @@ RULES = {
     "data.binarize": (_one_of(None, "static", "dynamic"), "null, static or dynamic"),
     "data.size": (_int(1), "a positive integer"),
     "data.channels": (_one_of(1, 3), "1 or 3"),
+    "data.standardize": (_one_of(True, False), "true or false"),
     "noise.p": (_num(0, 1), "a fraction in [0, 1]"),
     "noise.std": (_num(0), "a number ≥ 0"),
     "penalty.weight": (_num(0), "a number ≥ 0"),
@@ -76,8 +77,24 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=_ABSENT)
         if value is not _ABSENT and not ok(value, cfg):
             raise UserError(f"{key}={value!r} is invalid: it must be {what}; fix it on the command line")
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise UserError(f"{missing[0]} is required; set it on the command line ({missing[0]}=…)")
+    if OmegaConf.select(cfg, "data.binarize") and OmegaConf.select(cfg, "data.standardize"):
+        raise UserError("data.binarize and data.standardize exclude each other: binarization needs values in [0, 1]")
     if cfg.get("bottleneck") and cfg.get("penalty"):
         check_pair(cfg.bottleneck, cfg.penalty)
+    check_accelerator(OmegaConf.select(cfg, "trainer.accelerator"))
+
+
+def check_accelerator(accelerator) -> None:
+    """A GPU asked for where none is visible: one line, instead of Lightning's exception."""
+    if accelerator in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"trainer.accelerator={accelerator} needs a CUDA GPU and none is visible here; "
+                            "use trainer=cpu (or trainer.accelerator=auto)")
 
 
 def settings(target: str) -> set[str] | None:

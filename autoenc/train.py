@@ -154,6 +154,17 @@ def build(cfg: DictConfig):
     return datamodule, model
 
 
+def check_range(datamodule, likelihood) -> None:
+    """Refuses data a bounded likelihood cannot model (values outside [0, 1]) in one line."""
+    if likelihood.bounds is None:
+        return
+    lo, hi = datamodule.value_range()
+    if lo < likelihood.bounds[0] or hi > likelihood.bounds[1]:
+        raise UserError(f"the training data spans [{lo:.4g}, {hi:.4g}], outside the [0, 1] that "
+                        f"likelihood={type(likelihood).__name__.lower()} models; use likelihood=mse or "
+                        "likelihood=gaussian likelihood.bounded=false")
+
+
 def make_trainer(cfg: DictConfig, *extra_callbacks):
     """The Trainer a config describes, with its callbacks and loggers (the progress bar only when
     trainer.enable_progress_bar is on, as Lightning requires)."""
@@ -175,6 +186,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, model = build(cfg)
+    check_range(datamodule, model.likelihood)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     trainer = make_trainer(cfg)
     if cfg.ckpt_path:

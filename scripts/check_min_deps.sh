@@ -38,6 +38,7 @@ py=$work/venv/bin/python
 # followed into those extras). Read with the environment's own Python: tomllib (3.11+) or tomli, and
 # packaging (pip's vendored copy where packaging itself is not installed yet).
 "$py" - "$repo/pyproject.toml" "$extras" >"$work/pins.txt" <<'PY'
+import re
 import sys
 
 try:
@@ -53,7 +54,7 @@ except ModuleNotFoundError:
 
 with open(sys.argv[1], "rb") as f:
     project = tomllib.load(f)["project"]
-name = project["name"].lower().replace("_", "-")
+name = re.sub(r"[-_.]+", "-", project["name"]).lower()
 optional = project.get("optional-dependencies", {})
 pins, seen, todo = {}, set(), [None, *filter(None, sys.argv[2].split(","))]
 while todo:
@@ -65,7 +66,7 @@ while todo:
         sys.exit(f"check_min_deps: pyproject.toml has no extra {extra!r}")
     for line in project.get("dependencies", []) if extra is None else optional[extra]:
         req = Requirement(line)
-        key = req.name.lower().replace("_", "-")
+        key = re.sub(r"[-_.]+", "-", req.name).lower()
         if key == name:
             todo += sorted(req.extras)
             continue
@@ -73,9 +74,10 @@ while todo:
         if not lows:
             sys.exit(f"check_min_deps: {line!r} has no lower bound to install (>=, == or ~=)")
         low = max(lows, key=Version)
-        marker = f"; {req.marker}" if req.marker else ""
-        pins[key] = f"{req.name}=={low}{marker}"
-print("\n".join(pins[k] for k in sorted(pins)))
+        if key in pins and Version(pins[key][1]) >= Version(low):
+            continue  # declared twice (the project and an extra): the higher bound holds
+        pins[key] = (req.name, low, f"; {req.marker}" if req.marker else "")
+print("\n".join(f"{n}=={low}{marker}" for n, low, marker in (pins[k] for k in sorted(pins))))
 PY
 
 echo "check_min_deps: pins from $repo/pyproject.toml (extras: $extras):"

@@ -90,3 +90,11 @@ def test_analytic_contractive_with_a_deep_encoder_is_a_one_line_error(tmp_path):
                                   "penalty.method=analytic", check=False))
     assert line == ("autoenc: error: penalty.method=analytic needs a one-layer encoder (net=mlp_shallow); "
                     "use penalty.method=exact or estimate")
+
+
+@pytest.mark.parametrize("bottleneck, penalty", [("relu", "l1"), ("sigmoid", "kl")])
+def test_a_sparsity_penalty_makes_codes_sparser_than_none_with_the_same_seed(tmp_path, bottleneck, penalty):
+    budget = ["model.latent_dim=64", "trainer.max_epochs=3", "trainer.limit_train_batches=1.0", "trainer.limit_test_batches=1.0"]
+    plain = train_here(tmp_path / "none", f"bottleneck={bottleneck}", "penalty=none", *budget)
+    sparse = train_here(tmp_path / penalty, f"bottleneck={bottleneck}", f"penalty={penalty}", *budget)
+    assert sparse["test/l0"] < 0.9 * plain["test/l0"]  # units active per example, at the default weights

@@ -30,7 +30,11 @@ from conftest import FAST, ROOT, autoenc, cli_error, compose, one_line_error, tr
     (["model=vae", "penalty=kl"], "penalty=kl needs rates in [0, 1], which bottleneck=gaussian does not give"),
     (["data.batch_size=0"], "data.batch_size=0 is invalid"),
     (["threads=0"], "threads=0 is invalid"),
-    (["data=folder"], "Missing mandatory value: data.path"),
+    (["data=folder"], "data=folder needs the images' folder: data.path=DIR"),
+    (["data=array"], "data=array needs a .npy, .npz or .pt file: data.path=? is not set"),
+    pytest.param(["trainer=gpu"], "trainer.accelerator=gpu needs a CUDA GPU and none is visible here; use trainer=cpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
+    (["data.binarize=dynamic", "data.standardize=true"], "data.binarize and data.standardize exclude each other"),
     (["ckpt_path=/no/such.ckpt"], "checkpoint /no/such.ckpt does not exist"),
 ])
 def test_bad_input_gets_one_line_and_exit_2(tmp_path, capsys, overrides, expected):
@@ -162,17 +166,6 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert "Traceback" not in out and "interrupted at step" in out
     step = int(out.split("interrupted at step ")[1].split(";")[0])
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == step > 0
-
-
-def test_results_are_written_atomically(tmp_path, monkeypatch):
-    from autoenc import train
-
-    path = tmp_path / "results.json"
-    train.write_json(path, {"a": 1})
-    monkeypatch.setattr(train.json, "dumps", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
-    with pytest.raises(OSError):
-        train.write_json(path, {"a": 2})
-    assert json.loads(path.read_text()) == {"a": 1}
 
 
 def test_full_disk_is_one_line(monkeypatch, capsys):
