@@ -37,6 +37,10 @@ class Linear(nn.Module):
     def activation(self, h: torch.Tensor) -> torch.Tensor:
         return h
 
+    def active_size(self, latent_dim: int) -> int:
+        """How many values of a code can be non-zero: the size of the linear baseline (PCA) to compare with."""
+        return latent_dim
+
     def slope(self, code: torch.Tensor) -> torch.Tensor:
         """∂code_j/∂h_j as a function of the code (the diagonal of an elementwise activation's Jacobian)."""
         return torch.ones_like(code)
@@ -98,6 +102,9 @@ class TopK(ReLU):
     def __init__(self, k: int = 8, threshold: float | None = 0.0):
         super().__init__(threshold)
         self.k = k
+
+    def active_size(self, latent_dim):
+        return self.k
 
     def activation(self, h):
         top = h.topk(self.k, dim=1)

@@ -20,12 +20,14 @@ CONFIGS = next(p for p in (_PKG / "configs", _PKG.parent / "configs") if p.is_di
 COMMANDS = {
     "train": ("train", "autoenc.train:train", "train a model (default: undercomplete AE on the embedded 8×8 digits)"),
     "evaluate": ("use", "autoenc.use:evaluate", "test figures vs the PCA baseline and linear probes → evaluation.json"),
-    "sample": ("use", "autoenc.use:sample", "a grid of images sampled from the prior (VAE)"),
+    "sample": ("use", "autoenc.use:sample", "a grid of images sampled from the prior (gaussian bottleneck)"),
     "reconstruct": ("use", "autoenc.use:reconstruct", "input | reconstruction rows from a split or input=DIR"),
-    "denoise": ("use", "autoenc.use:denoise", "clean | corrupted | denoised rows (noise= to choose the corruption)"),
-    "encode": ("use", "autoenc.use:encode", "latent codes and labels of a split → .npz"),
-    "interpolate": ("use", "autoenc.use:interpolate", "decoded latent paths between image pairs (+ VAE traversal)"),
-    "compare": ("compare", "autoenc.use:compare", "one table (+ CSV, bar chart) of runs' overrides and figures"),
+    "denoise": ("use", "autoenc.use:denoise", "clean | noisy | denoised rows (noise= to choose the corruption)"),
+    "encode": ("use", "autoenc.use:encode", "latent codes of a split or input= (in order, with paths or indices) → .npz"),
+    "decode": ("use", "autoenc.use:decode", "examples decoded from codes=<encode's .npz> → .npz (+ a grid for images)"),
+    "interpolate": ("use", "autoenc.use:interpolate", "decoded latent paths between image pairs (+ traversal with a prior)"),
+    "score": ("use", "autoenc.use:score", "per-example anomaly scores (+ ROC-AUC with normal=[labels]) → .csv/.npz/.png"),
+    "compare": ("compare", "autoenc.compare:compare", "one table (+ CSV, bar chart) of runs' overrides and figures"),
 }
 
 USAGE = """usage: autoenc <command> [key=value ...] [--help] [-m]
@@ -74,6 +76,7 @@ def _task(command: str):
                 raise
             if _in_sweep():
                 return _job_failed(e)
+            _remove_stub_run_dir()
             _fail(str(e))
         except OSError as e:
             if e.errno != errno.ENOSPC or _full_error():
@@ -97,6 +100,22 @@ def set_threads(threads) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def _remove_stub_run_dir() -> None:
+    """A refused run leaves no directory behind that holds only Hydra's .hydra/ and log: nothing ran.
+    A directory with anything else in it (a run being resumed, a user's folder) is left alone."""
+    import shutil
+
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized() or HydraConfig.get().output_subdir is None:
+        return
+    out = Path(HydraConfig.get().runtime.output_dir)
+    entries = list(out.iterdir()) if out.is_dir() else []
+    hydra_files = list((out / ".hydra").iterdir()) if (out / ".hydra").is_dir() else []
+    if all(e.name == ".hydra" or e.suffix == ".log" for e in entries) and all(f.suffix == ".yaml" for f in hydra_files):
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def _in_sweep() -> bool:

@@ -169,6 +169,12 @@ class TensorDataModule(pl.LightningDataModule):
     def load_state_dict(self, state: dict) -> None:
         self.stats = dict(state)
 
+    def evaluation_split(self, split: str) -> tuple[object, torch.Tensor]:
+        """A split as evaluation should see it: with dynamic binarization the training split binarized once
+        (seeded), like val and test, so that baselines fit on the kind of data they are scored on."""
+        x, y = self.splits[split]
+        return (_binarize(x, self.split_seed) if self.binarize == "dynamic" and split == "train" else x), y
+
     def value_range(self) -> tuple[float, float]:
         """The smallest and largest value the model sees, from the training split (uint8: [0, 1])."""
         x = self.splits["train"][0]
@@ -399,7 +405,8 @@ class Arrays(TensorDataModule):
             raise UserError(f"cannot read {path}: {e}") from None
         raise UserError(f"data.path={path} must end in .npy, .npz or .pt")
 
-    def load(self):
+    def examples(self) -> tuple[Rows, torch.Tensor | None]:
+        """Every example in file order (checked: shape, type, finite values) and the labels, if any."""
         x, y = self.read()
         if x.ndim not in (2, 3, 4) or x.dtype != np.uint8 and x.dtype.kind != "f":
             raise UserError(f"{self.path} holds a {x.dtype} array of shape {tuple(x.shape)}: it must be uint8 or "
@@ -413,9 +420,11 @@ class Arrays(TensorDataModule):
                     row = start + int(np.argwhere(bad)[0][0])
                     raise UserError(f"{self.path} has a NaN or infinite value in example {row}; clean the data")
         shape = (1, *x.shape[1:]) if x.ndim == 3 else x.shape[1:]
-        rows = Rows(x, shape=shape)
-        labels = torch.as_tensor(np.asarray(y)).long() if y is not None else None
-        train, test = test_split(len(x), self.test_fraction)
+        return Rows(x, shape=shape), torch.as_tensor(np.asarray(y)).long() if y is not None else None
+
+    def load(self):
+        rows, labels = self.examples()
+        train, test = test_split(len(rows), self.test_fraction)
         pick = (lambda i: labels[i]) if labels is not None else (lambda i: None)
         return rows.subset(train.numpy()), pick(train), rows.subset(test.numpy()), pick(test)
 

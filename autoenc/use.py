@@ -1,20 +1,21 @@
-"""Commands that use a trained model (evaluate, sample, reconstruct, denoise, encode, interpolate) and compare runs."""
+"""Commands that use a trained model: evaluate, sample, reconstruct, denoise, encode, decode, interpolate, score."""
 
 from __future__ import annotations
 
-import csv
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from autoenc import metrics
+from autoenc.data import subset
 from autoenc.errors import UserError
 from autoenc.train import build, load_checkpoint, quiet_lightning, restore, write_json
-from autoenc.viz import grid_of_rows, make_grid, save_image
+from autoenc.viz import picture, save_png, square
+
+ARRAY_SUFFIXES = (".npy", ".npz", ".pt")
 
 
 @dataclass
@@ -26,9 +27,25 @@ class Run:
     datamodule: object
     model: torch.nn.Module
 
+    @property
+    def images(self) -> bool:
+        return len(self.model.shape) == 3
+
+
+@dataclass
+class Inputs:
+    """What a command works on: examples as stored (tensor or Rows), labels (−1: none), and a name per
+    example (file paths for input=, indices into the split otherwise), with a short name for outputs."""
+
+    x: object
+    y: torch.Tensor
+    names: np.ndarray
+    source: str
+
 
 def load_run(cfg: DictConfig) -> Run:
-    """Rebuilds the model of `cfg.ckpt` from its run's config and loads the weights (weights_only)."""
+    """Rebuilds the model of `cfg.ckpt` from its run's config and loads the weights (weights_only), and
+    the data's standardization statistics stored with them."""
     if not cfg.ckpt:
         raise UserError("name the checkpoint to use: ckpt=<run>/checkpoints/best.ckpt")
     path = Path(str(cfg.ckpt)).expanduser()
@@ -40,94 +57,115 @@ def load_run(cfg: DictConfig) -> Run:
     elif "autoenc_config" in ckpt:
         run_cfg = OmegaConf.create(ckpt["autoenc_config"])
     else:
-        raise UserError(f"{path} stores no config and {saved} is missing; evaluate a checkpoint inside "
+        raise UserError(f"{path} stores no config and {saved} is missing; use a checkpoint inside "
                         "the run directory that `autoenc train` wrote")
     run_cfg.paths.output_dir = str(run_dir)
     run_cfg.model.iwae_samples = cfg.eval.iwae_samples
     quiet_lightning()
     datamodule, model = build(run_cfg)
     restore(model, ckpt, path)  # the checkpoint already read above, not read again
+    if type(datamodule).__qualname__ in ckpt:
+        datamodule.load_state_dict(ckpt[type(datamodule).__qualname__])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return Run(run_dir, run_cfg, datamodule, model.eval().to(device))
 
 
-def batched(fn, x: torch.Tensor, size: int = 1024) -> torch.Tensor:
-    """fn applied to x in chunks (bounded memory on large splits), without gradients."""
+def batched(fn, x, run: Run | None = None, size: int = 1024) -> torch.Tensor:
+    """fn over x in chunks, without gradients: bounded memory on large splits. With `run`, x is as
+    stored and each chunk becomes model input on the model's device first."""
     with torch.no_grad():
-        return torch.cat([fn(b) for b in x.split(size)])
+        outs = []
+        for start in range(0, len(x), size):
+            chunk = x[start:start + size]
+            outs.append(fn(run.datamodule.transform(chunk).to(run.model.device) if run else chunk).cpu())
+        return torch.cat(outs)
 
 
-def codes(model, x: torch.Tensor) -> torch.Tensor:
-    """Deterministic latent codes (the posterior mean for a VAE)."""
-    return batched(lambda b: model.encode(b).code, x)
+def model_input(run: Run, x) -> torch.Tensor:
+    """Stored examples as model input on the model's device (all at once: for the few a picture shows)."""
+    return run.datamodule.transform(x[:]).to(run.model.device)
 
 
-def split_images(run: Run, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A split's images as [0, 1] floats on the model's device, and its labels."""
-    from autoenc.data import to_unit
-
-    splits = run.datamodule.splits
-    if split not in splits:
-        raise UserError(f"split={split!r} is not one of {', '.join(splits)}")
-    x, y = splits[split]
-    return to_unit(x).to(run.model.device), y.cpu()
-
-
-def images(cfg: DictConfig, run: Run) -> tuple[torch.Tensor, torch.Tensor]:
-    """The user's image folder (`input=`, resized to the model's shape) or else the chosen split."""
+def inputs(cfg: DictConfig, run: Run) -> Inputs:
+    """The user's data (`input=`: a folder of images, resized to the model's shape, in sorted file order;
+    or a .npy/.npz/.pt array file) or else the chosen split of the run's data."""
     if not cfg.input:
-        return split_images(run, cfg.split)
-    from autoenc.data import ImageFolder, to_unit
+        splits = run.datamodule.splits
+        if cfg.split not in splits:
+            raise UserError(f"split={cfg.split!r} is not one of {', '.join(splits)}")
+        x, y = splits[cfg.split]
+        return Inputs(x, y.cpu(), np.arange(len(x)), cfg.split)
+    from autoenc.data import Arrays, read_images
 
+    path = Path(str(cfg.input)).expanduser()
+    if path.suffix in ARRAY_SUFFIXES:
+        x, y = Arrays(path=str(path)).examples()
+        y = y if y is not None else torch.full((len(x),), -1)
+        if tuple(x.shape[1:]) != tuple(run.model.shape):
+            raise UserError(f"{path} holds examples of shape {tuple(x.shape[1:])}; the model takes {tuple(run.model.shape)}")
+        return Inputs(x, y, np.arange(len(x)), path.stem)
+    if not run.images:
+        raise UserError(f"input={path} must be a {'/'.join(ARRAY_SUFFIXES)} file: the model takes vectors")
     c, _, w = run.model.shape
-    *_, x, y = ImageFolder(path=cfg.input, size=w, channels=c, test_fraction=1.0).load()
-    return to_unit(x).to(run.model.device), y
+    x, y, files = read_images(path, w, c)
+    return Inputs(x, y, np.array([str(f) for f in files]), path.name)
 
 
-def out_path(cfg: DictConfig, run: Run, default: str) -> Path:
-    """Where a command writes: `out=` if given, else `default` in the run directory."""
-    p = Path(cfg.out).expanduser() if cfg.out else run.dir / default
+def out_path(cfg: DictConfig, run: Run, name: str) -> Path:
+    """Where a command writes: `out=` if given, else `<run>/commands/<name>`, apart from training's files."""
+    p = Path(cfg.out).expanduser() if cfg.out else run.dir / "commands" / name
     p.parent.mkdir(parents=True, exist_ok=True)
     return p
 
 
-def save_png(grid: torch.Tensor, path: Path) -> Path:
-    """Writes a grid as PNG and says so (with its size in pixels)."""
-    save_image(grid, path)
-    print(f"wrote {path} ({grid.shape[2]}×{grid.shape[1]} px)")
-    return path
+def needs_images(run: Run, command: str) -> None:
+    if not run.images:
+        raise UserError(f"`{command}` draws pictures and this model takes vectors of shape {tuple(run.model.shape)}; "
+                        "use encode, decode or score")
 
 
-def paired_rows(columns: list[torch.Tensor], cols: int = 8) -> torch.Tensor:
-    """A grid of rows of `cols` images: each chunk's input row is followed by its other versions."""
+def chunked_rows(columns: list[torch.Tensor], labels: list[str], cols: int = 8) -> tuple[list, list]:
+    """Rows of `cols` images: each chunk's first row is followed by its other versions, labelled."""
     cols = min(cols, len(columns[0]))
     n = len(columns[0]) - len(columns[0]) % cols
-    return grid_of_rows([c[i:i + cols] for i in range(0, n, cols) for c in columns])
+    rows = [c[i:i + cols] for i in range(0, n, cols) for c in columns]
+    return rows, labels * (n // cols)
 
 
 # ---- commands ---------------------------------------------------------------------------------
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Test figures of the family (Lightning's test loop) plus reconstruction vs PCA and linear probes."""
+    """Test figures of the family (Lightning's test loop) plus reconstruction vs PCA and linear probes,
+    each fitted on the same kind of data it is scored on; seeded, so two runs write the same numbers."""
     import lightning.pytorch as pl
 
     run = load_run(cfg)
     trainer = pl.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, inference_mode=False)
+                         enable_progress_bar=True, enable_model_summary=False, inference_mode=False)
     trainer.test(run.model, datamodule=run.datamodule, verbose=False)
     figures = {k.removeprefix("test/"): float(v) for k, v in trainer.callback_metrics.items()
                if k.startswith("test/") and v.numel() == 1}
-    model = run.model.eval()
-    (x_tr, y_tr), (x_te, y_te) = split_images(run, "train"), split_images(run, "test")
-    x_hat = batched(model, x_te)
-    # mse and psnr of clean test images through the deterministic code: the figures PCA competes with.
-    figures |= {"mse": metrics.mse(x_hat, x_te), "psnr": float(metrics.psnr(x_hat, x_te))}
-    figures["pca_mse"], figures["pca_components"] = metrics.pca_mse(x_tr, x_te, model.latent_dim)
-    probe = dict(max_train=cfg.eval.probe_examples, seed=cfg.seed)
-    figures["probe_accuracy"] = metrics.probe_accuracy(codes(model, x_tr), y_tr, codes(model, x_te), y_te, **probe)
-    figures["probe_accuracy_pixels"] = metrics.probe_accuracy(x_tr, y_tr, x_te, y_te, **probe)
+    model, dm = run.model, run.datamodule
+    x_tr, y_tr = dm.evaluation_split("train")
+    x_te, y_te = dm.evaluation_split("test")
+    x_te_in = batched(lambda b: b, x_te, run)
+    x_hat = batched(model, x_te, run)
+    # mse and psnr of clean test examples through the deterministic code: the figures PCA competes with
+    figures |= {"mse": metrics.mse(x_hat, x_te_in)}
+    if run.images and dm.standardize is False:
+        figures["psnr"] = float(metrics.psnr(x_hat, x_te_in))
+    keep = torch.as_tensor(np.sort(np.random.default_rng(cfg.seed).permutation(len(x_tr))[:cfg.eval.probe_examples]))
+    x_tr_in, y_tr = batched(lambda b: b, subset(x_tr, keep), run), y_tr[keep]  # a seeded subset: seconds, not minutes
+    components = model.bottleneck.active_size(model.latent_dim)
+    print(f"fitting PCA ({components} components) and linear probes on {len(x_tr_in)} training examples…", flush=True)
+    figures["pca_mse"], figures["pca_components"] = metrics.pca_mse(x_tr_in, x_te_in, components)
+    if bool((y_te >= 0).all()):
+        codes_tr = batched(lambda b: model.encode(b.to(model.device)).code, x_tr_in)
+        codes_te = batched(lambda b: model.encode(b).code, x_te, run)
+        figures["probe_accuracy"] = metrics.probe_accuracy(codes_tr, y_tr, codes_te, y_te)
+        figures["probe_accuracy_pixels"] = metrics.probe_accuracy(x_tr_in, y_tr, x_te_in, y_te)
     width = max(map(len, figures))
     print("\n".join(f"{k:<{width}}  {v:.6g}" for k, v in sorted(figures.items())))
-    path = out_path(cfg, run, "evaluation.json")
+    path = Path(cfg.out).expanduser() if cfg.out else run.dir / "evaluation.json"
     write_json(path, figures)
     print(f"wrote {path}")
     return figures
@@ -136,17 +174,21 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 def sample(cfg: DictConfig) -> Path:
     """A grid of n images decoded from prior samples z ~ p(z)."""
     run = load_run(cfg)
+    needs_images(run, "sample")
     g = torch.Generator(device=run.model.device).manual_seed(cfg.seed)
     x = run.model.sample(cfg.n, generator=g)
-    nrow = max(1, round(cfg.n ** 0.5))
-    return save_png(make_grid(x.cpu(), nrow=nrow, pad_value=1.0), out_path(cfg, run, "sample.png"))
+    return save_png(picture(square(x)), out_path(cfg, run, f"sample_n{cfg.n}_seed{cfg.seed}.png"))
 
 
 def reconstruct(cfg: DictConfig) -> Path:
-    """Rows of input | reconstruction for n images of a split or of `input=` folder."""
+    """Rows of input | reconstruction for n images of a split or of `input=`."""
     run = load_run(cfg)
-    x = images(cfg, run)[0][:cfg.n]
-    return save_png(paired_rows([x, batched(run.model, x)]), out_path(cfg, run, "reconstruct.png"))
+    needs_images(run, "reconstruct")
+    data = inputs(cfg, run)
+    x = model_input(run, data.x[:cfg.n])
+    with torch.no_grad():
+        rows, labels = chunked_rows([x, run.model(x)], ["input", "reconstruction"])
+    return save_png(picture(rows, labels), out_path(cfg, run, f"reconstruct_{data.source}.png"))
 
 
 def denoise(cfg: DictConfig) -> Path:
@@ -154,50 +196,85 @@ def denoise(cfg: DictConfig) -> Path:
     from hydra.utils import instantiate
 
     run = load_run(cfg)
+    needs_images(run, "denoise")
     noise = instantiate(cfg.noise) if cfg.get("noise") else run.model.noise
     if noise is None:
         raise UserError("this model was trained without noise; choose one, e.g. noise=gaussian, "
                         "noise=masking noise.p=0.5 or noise=salt_pepper")
-    x = images(cfg, run)[0][:cfg.n]
+    data = inputs(cfg, run)
+    x = model_input(run, data.x[:cfg.n])
     x_tilde = noise(x, torch.Generator(device=x.device).manual_seed(cfg.seed))
-    x_hat = batched(run.model, x_tilde)
+    with torch.no_grad():
+        x_hat = run.model(x_tilde)
     before, after = float(metrics.psnr(x_tilde, x)), float(metrics.psnr(x_hat, x))
     print(f"PSNR {before:.2f} dB corrupted → {after:.2f} dB denoised")
-    return save_png(paired_rows([x, x_tilde, x_hat]), out_path(cfg, run, "denoise.png"))
+    settings = "_".join(f"{k}{v}" for k, v in (cfg.noise or {}).items() if not k.startswith("_"))
+    rows, labels = chunked_rows([x, x_tilde, x_hat], ["clean", "noisy", "denoised"])
+    return save_png(picture(rows, labels), out_path(cfg, run, f"denoise_{data.source}{'_' + settings if settings else ''}.png"))
 
 
 def encode(cfg: DictConfig) -> Path:
-    """Writes the deterministic latent codes (`code`) and labels (`label`) of a split as .npz."""
-    import numpy as np
-
+    """The deterministic codes (`code`) of a split or of `input=`, in order, with `label` and `path` (the
+    files of input=) or `index` (the positions in the split), as .npz."""
     run = load_run(cfg)
-    x, y = images(cfg, run)
-    path = out_path(cfg, run, "latents.npz")
-    np.savez(path, code=codes(run.model, x).cpu().numpy(), label=y.numpy())
-    print(f"wrote {path} (code: {len(x)}×{run.model.latent_dim}, label: {len(x)})")
+    data = inputs(cfg, run)
+    code = batched(lambda b: run.model.encode(b).code, data.x, run)
+    path = out_path(cfg, run, f"encode_{data.source}.npz")
+    name = "path" if cfg.input and not str(cfg.input).endswith(ARRAY_SUFFIXES) else "index"
+    np.savez(path, code=code.numpy(), label=data.y.numpy(), **{name: data.names})
+    print(f"wrote {path} (code: {len(code)}×{run.model.latent_dim}, label, {name}: {len(code)})")
+    return path
+
+
+def decode(cfg: DictConfig) -> Path:
+    """Decodes the codes of an `encode` output (codes=FILE.npz, array `code`): the inverse of encode.
+    Writes the decoded examples (`x_hat`, with the file's other arrays) as .npz, and a grid for images."""
+    run = load_run(cfg)
+    if not cfg.codes:
+        raise UserError("name the codes to decode: codes=<file>.npz (as `autoenc encode` writes)")
+    src = Path(str(cfg.codes)).expanduser()
+    try:
+        with np.load(src) as z:
+            arrays = dict(z)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read codes={src}: {e}") from None
+    code = arrays.get("code")
+    if code is None or code.ndim != 2 or code.shape[1] != run.model.latent_dim:
+        raise UserError(f"codes={src} needs an array `code` of shape (N, {run.model.latent_dim}); "
+                        f"it has {'none' if code is None else tuple(code.shape)}")
+    model = run.model
+    x_hat = batched(lambda b: model.likelihood.mean(model.decode(b.to(model.device))), torch.as_tensor(code).float())
+    path = out_path(cfg, run, f"decode_{src.stem}.npz")
+    np.savez(path, x_hat=x_hat.numpy(), **{k: v for k, v in arrays.items() if k != "code"})
+    print(f"wrote {path} (x_hat: {tuple(x_hat.shape)})")
+    if run.images:
+        save_png(picture(square(x_hat[:cfg.n])), path.with_suffix(".png"))
     return path
 
 
 def interpolate(cfg: DictConfig) -> Path:
-    """Straight latent paths between pairs of images; with a prior (VAE) also a traversal per dimension."""
+    """Straight latent paths between pairs of images; with a prior, also a traversal of each dimension."""
     run = load_run(cfg)
-    model, (x, _) = run.model, images(cfg, run)
-    pairs = min(cfg.pairs, len(x) // 2)
+    needs_images(run, "interpolate")
+    model, data = run.model, inputs(cfg, run)
+    pairs = min(cfg.pairs, len(data.x) // 2)
     if pairs < 1:
         raise UserError("interpolate needs at least two images")
-    a, b = x[:pairs], x[pairs:2 * pairs]
-    za, zb = codes(model, a), codes(model, b)
-    t = torch.linspace(0, 1, cfg.steps, device=x.device).view(1, -1, 1)
-    z = (1 - t) * za[:, None] + t * zb[:, None]  # (pairs, steps, latent)
-    paths = decoded(model, z)
-    path = save_png(grid_of_rows([torch.cat([a[i:i + 1], paths[i], b[i:i + 1]]) for i in range(pairs)]),
-                    out_path(cfg, run, "interpolate.png"))
+    x = model_input(run, data.x[:2 * pairs])
+    a, b = x[:pairs], x[pairs:]
+    with torch.no_grad():
+        za, zb = model.encode(a).code, model.encode(b).code
+        t = torch.linspace(0, 1, cfg.steps, device=x.device).view(1, -1, 1)
+        paths = decoded(model, (1 - t) * za[:, None] + t * zb[:, None])  # (pairs, steps, C, H, W)
+    path = save_png(picture([torch.cat([a[i:i + 1], paths[i], b[i:i + 1]]) for i in range(pairs)]),
+                    out_path(cfg, run, f"interpolate_{data.source}.png"))
     if model.bottleneck.stochastic:
         d = model.latent_dim
         z = za[0].expand(d, cfg.steps, d).clone()  # row i sweeps dimension i around the first image's code
-        z[torch.arange(d), :, torch.arange(d)] = torch.linspace(-cfg.traversal, cfg.traversal, cfg.steps,
-                                                               device=x.device)
-        save_png(grid_of_rows(list(decoded(model, z))), path.with_name(f"{path.stem}_traversal{path.suffix}"))
+        z[torch.arange(d), :, torch.arange(d)] = torch.linspace(-cfg.traversal, cfg.traversal, cfg.steps, device=x.device)
+        with torch.no_grad():
+            rows = list(decoded(model, z))
+        save_png(picture(rows, [f"z{i + 1}" for i in range(d)]), path.with_name(f"{path.stem}_traversal{path.suffix}"))
     return path
 
 
@@ -207,71 +284,83 @@ def decoded(model, z: torch.Tensor) -> torch.Tensor:
     return x.view(*z.shape[:2], *x.shape[1:])
 
 
-# ---- compare ----------------------------------------------------------------------------------
-def run_record(run_dir: Path) -> tuple[dict[str, str], dict[str, float]]:
-    """A run's command-line overrides and its figures (results.json, then evaluation.json on top)."""
-    overrides_file = run_dir / ".hydra" / "overrides.yaml"
-    overrides = OmegaConf.load(overrides_file) if overrides_file.is_file() else []
-    figures = {k.removeprefix("test/"): v for k, v in json.loads((run_dir / "results.json").read_text()).items()}
-    if (run_dir / "evaluation.json").is_file():
-        figures |= json.loads((run_dir / "evaluation.json").read_text())
-    return dict(o.split("=", 1) for o in overrides if "=" in o), figures
+def score(cfg: DictConfig) -> Path:
+    """A per-example anomaly score for a split or `input=`: the reconstruction's squared error, or for a
+    stochastic bottleneck the IWAE estimate of −log p(x) (K = eval.iwae_samples); as CSV and NPZ with
+    the examples' paths or indices, a histogram, and with `normal=[labels]` ROC-AUC and average precision
+    of telling the other labels from those."""
+    from tqdm import tqdm
+
+    run = load_run(cfg)
+    model, data = run.model, inputs(cfg, run)
+    g = torch.Generator(device=model.device).manual_seed(cfg.seed)
+    columns: dict[str, list] = {"mse": [], "recon_nll": []}
+    if model.bottleneck.stochastic:
+        columns["nll_iwae"] = []
+    size = 256
+    with torch.no_grad():
+        for start in tqdm(range(0, len(data.x), size), desc="score", unit="batch", leave=False):
+            x = model_input(run, data.x[start:start + size])
+            logits = model.decode(model.encode(x).code)
+            columns["mse"].append((model.likelihood.mean(logits) - x).pow(2).flatten(1).mean(1).cpu())
+            columns["recon_nll"].append(model.likelihood.nll(logits, x).cpu())
+            if model.bottleneck.stochastic:
+                columns["nll_iwae"].append(-model.log_likelihood(x, cfg.eval.iwae_samples, g).cpu())
+    table = {k: torch.cat(v).numpy() for k, v in columns.items()}
+    kind = "nll_iwae" if model.bottleneck.stochastic else "mse"
+    table["score"] = table[kind]
+    name = "path" if cfg.input and not str(cfg.input).endswith(ARRAY_SUFFIXES) else "index"
+    table = {name: data.names, "label": data.y.numpy(), **table}
+    path = out_path(cfg, run, f"score_{data.source}.csv")
+    write_table(path, table)
+    np.savez(path.with_suffix(".npz"), **table)
+    summary = {"score": kind, "examples": len(data.names), "mean": float(table["score"].mean())}
+    if cfg.normal is not None:
+        summary |= detection(table["score"], data.y.numpy(), list(cfg.normal))
+    score_histogram(table["score"], data.y.numpy(), cfg.normal, kind, path.with_suffix(".png"))
+    write_json(path.with_suffix(".json"), summary)
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    print(f"wrote {path} (and .npz, .json, .png)")
+    return path
 
 
-def compare(cfg: DictConfig) -> list[dict]:
-    """One table of runs (their differing overrides and figures) sorted by a metric; CSV and bar chart."""
-    if not cfg.runs:
-        raise UserError("name the runs to compare: runs=[RUN_DIR,...] (a multirun directory counts for all its runs)")
-    dirs = [Path(str(d)).expanduser() for d in ([cfg.runs] if isinstance(cfg.runs, str) else cfg.runs)]
-    for d in dirs:
-        if not d.is_dir():
-            raise UserError(f"{d} is not a directory; give run or multirun directories: runs=[DIR,...]")
-    run_dirs = sorted({p.parent for d in dirs for p in d.rglob("results.json")})
-    if not run_dirs:
-        raise UserError(f"no results.json under {', '.join(map(str, dirs))}; "
-                        "give directories written by `autoenc train`")
-    records = [run_record(r) for r in run_dirs]
-    names = sorted({m for _, f in records for m in f})
-    shown = list(dict.fromkeys([cfg.sort, *(cfg.metrics or names)]))  # the sort metric first
-    unknown = [m for m in shown if m not in names]
-    if unknown:
-        raise UserError(f"{unknown[0]!r} is not a figure of these runs (sort=, metrics=); "
-                        f"choose from: {', '.join(names)}")
-    keys = sorted({k for o, _ in records for k in o})
-    varying = [k for k in keys if len({o.get(k) for o, _ in records}) > 1]
-    root = Path(os.path.commonpath([str(r) for r in run_dirs]))
-    rows = [{"run": str(r.relative_to(root)), **{k: o.get(k, "") for k in varying},
-             **{m: f.get(m, "") for m in shown}} for r, (o, f) in zip(run_dirs, records)]
-    rank = (sorted((r for r in rows if r[cfg.sort] != ""), key=lambda r: r[cfg.sort], reverse=cfg.descending)
-            + [r for r in rows if r[cfg.sort] == ""])
-    columns = list(rows[0])
-    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
-    print("\n".join("| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rank))
-    prefix = Path(cfg.out).expanduser() if cfg.out else root / "comparison"
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    with open(prefix.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        writer.writerows(rank)
-    bar_chart(rank, varying, cfg.sort, prefix.with_suffix(".png"))
-    print(f"wrote {prefix.with_suffix('.csv')} and {prefix.with_suffix('.png')}")
-    return rank
+def detection(scores: np.ndarray, labels: np.ndarray, normal: list) -> dict:
+    """How well the scores tell anomalies (labels not in `normal`) from normal examples: ROC-AUC, AP."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    anomalous = ~np.isin(labels, normal)
+    if anomalous.all() or not anomalous.any():
+        raise UserError(f"normal={normal} must name some but not all of the labels here ({sorted(set(labels.tolist()))})")
+    return {"roc_auc": float(roc_auc_score(anomalous, scores)), "average_precision": float(average_precision_score(anomalous, scores)),
+            "normal": int((~anomalous).sum()), "anomalous": int(anomalous.sum())}
 
 
-def bar_chart(rows: list[dict], label_keys: list[str], metric: str, path: Path) -> None:
-    """Horizontal bars of one metric per run, labelled by the run's differing overrides."""
+def score_histogram(scores, labels, normal, kind: str, path: Path) -> None:
+    """Histogram of the scores, normal and anomalous apart when `normal` names the normal labels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [r for r in rows if r[metric] != ""]
-    labels = [" ".join(f"{k}={r[k]}" for k in label_keys) or r["run"] for r in shown]
-    fig, ax = plt.subplots(figsize=(7, 0.4 * len(shown) + 1.2))
-    ax.barh(range(len(shown)), [r[metric] for r in shown])
-    ax.set(yticks=range(len(shown)), yticklabels=labels, xlabel=metric)
-    ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bins = np.histogram_bin_edges(scores, bins=60)
+    if normal is None:
+        ax.hist(scores, bins=bins)
+    else:
+        anomalous = ~np.isin(labels, list(normal))
+        ax.hist(scores[~anomalous], bins=bins, alpha=0.6, label=f"normal (labels {list(normal)})")
+        ax.hist(scores[anomalous], bins=bins, alpha=0.6, label="anomalous (other labels)")
+        ax.legend()
+    ax.set(xlabel=f"anomaly score ({kind})", ylabel="examples")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
+
+
+def write_table(path: Path, table: dict) -> None:
+    """Columns of equal length as CSV (one row per example)."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(table)
+        writer.writerows(zip(*(np.asarray(v).tolist() for v in table.values())))

@@ -1,12 +1,68 @@
-"""Pictures as Lightning callbacks: grids to TensorBoard each epoch and PNGs in the run directory."""
+"""Pictures: labelled, upscaled image grids, to TensorBoard during training (a callback) and as PNGs."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torchvision.utils import make_grid, save_image
+
+MIN_SIDE = 64  # tiles are upscaled (nearest) until an image is at least this many pixels high and wide
+
+
+def picture(rows: list[torch.Tensor], labels: list[str] | None = None, frames: torch.Tensor | None = None,
+            title: str | None = None) -> torch.Tensor:
+    """Equal-length rows of images (N, C, H, W) in [0, 1] as one RGB picture (3, H, W): each image
+    upscaled to at least MIN_SIDE pixels, white gaps, a label left of each row, an optional title, and a
+    red frame around the images that `frames` (one bool per image) marks."""
+    tiles = torch.cat(rows).detach().float().clamp(0, 1).cpu()
+    if tiles.shape[1] != 3:  # grey, or the mean of channels that are not RGB
+        tiles = tiles.mean(1, keepdim=True)
+    scale = max(1, math.ceil(MIN_SIDE / min(tiles.shape[-2:])))
+    tiles = F.interpolate(tiles, scale_factor=scale, mode="nearest").expand(-1, 3, -1, -1).clone()
+    if frames is not None:
+        red = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)
+        for i in frames.cpu().bool().nonzero().flatten():
+            t = tiles[i]  # a view: the frame is drawn into the picture
+            t[:, :2], t[:, -2:], t[:, :, :2], t[:, :, -2:] = red, red, red, red
+    grid = make_grid(tiles, nrow=len(rows[0]), padding=2, pad_value=1.0)
+    if not labels and not title:
+        return grid
+    from PIL import Image, ImageDraw
+    from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+
+    font = _font()
+    margin = 8 + max((int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(t, font=font)) for t in labels or [""]))
+    top = 22 if title else 0
+    canvas = Image.new("RGB", (grid.shape[2] + (margin if labels else 0), grid.shape[1] + top), "white")
+    canvas.paste(to_pil_image(grid), (margin if labels else 0, top))
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((4, 4), title, fill="black", font=font)
+    row_height = tiles.shape[-2] + 2
+    for i, label in enumerate(labels or []):
+        draw.text((4, top + 2 + i * row_height + row_height // 2 - 7), label, fill="black", font=font)
+    return pil_to_tensor(canvas).float() / 255
+
+
+def _font():
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=14)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def save_png(grid: torch.Tensor, path: Path) -> Path:
+    """Writes a picture as PNG and says so (with its size in pixels)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(grid, path)
+    print(f"wrote {path} ({grid.shape[2]}×{grid.shape[1]} px)")
+    return path
 
 
 def image_loggers(trainer):
@@ -23,46 +79,48 @@ def publish(trainer, tag: str, grid: torch.Tensor, png: Path | None) -> None:
         save_image(grid, png)
 
 
-def grid_of_rows(rows: list[torch.Tensor]) -> torch.Tensor:
-    """Stacks equal-length image rows (N, C, H, W) into one grid image."""
-    return make_grid(torch.cat(rows).float().clamp(0, 1).cpu(), nrow=len(rows[0]), pad_value=1.0)
-
-
 def fixed_examples(trainer, split: str, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first n examples of a split as [0, 1] floats on `device` (the same every epoch)."""
-    from autoenc.data import to_unit
-
+    """The first n examples of a split as model input on `device` (the same every epoch)."""
     x, y = trainer.datamodule.splits[split]
-    return to_unit(x[:n]).to(device), y[:n]
+    return trainer.datamodule.transform(x[:n]).to(device), y[:n]
+
+
+def square(x: torch.Tensor) -> list[torch.Tensor]:
+    """n images as the rows of a near-square grid (the last row may be short)."""
+    cols = max(1, math.ceil(len(x) ** 0.5))
+    return [x[i:i + cols] for i in range(0, len(x), cols)]
 
 
 class Pictures(Callback):
     """The run's pictures, to TensorBoard at each validation and as PNGs in the run directory: rows of
-    clean | corrupted (with noise) | reconstructed validation images; prior samples (stochastic
+    input | noisy (with noise) | reconstruction for validation images; prior samples (stochastic
     bottleneck); the units' activation frequencies and the decoder's features (codes with active
-    units); the decoded latent manifold and a scatter of test codes (2-D latent). One callback, so
-    that Lightning dispatches its per-step hooks once (scripts/benchmark.py)."""
+    units); the decoded latent manifold and a scatter of test codes (2-D latent). Images only: vector
+    data gets the histogram and scatter. One callback, so that Lightning dispatches its per-step hooks
+    once (scripts/benchmark.py)."""
 
-    def __init__(self, dirpath: str = ".", reconstructions: int = 16, samples: int = 64, manifold: int = 20,
+    def __init__(self, dirpath: str = ".", reconstructions: int = 8, samples: int = 64, manifold: int = 20,
                  scatter_examples: int = 2000, seed: int = 0):
         self.dir, self.n, self.samples, self.manifold = Path(dirpath), reconstructions, samples, manifold
         self.scatter_examples, self.seed = scatter_examples, seed
 
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer, pl_module):
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or len(pl_module.shape) != 3:
             return
         if self.n:
             x, _ = fixed_examples(trainer, "val", self.n, pl_module.device)
             g = torch.Generator(device=x.device).manual_seed(pl_module.noise_seed)
             x_tilde = x if pl_module.noise is None else pl_module.noise(x, g)
-            rows = [x] + ([x_tilde] if pl_module.noise is not None else []) + [pl_module(x_tilde)]
-            publish(trainer, "val/reconstructions", grid_of_rows(rows), self.dir / "reconstructions.png")
+            rows, labels = [x], ["input"]
+            if pl_module.noise is not None:
+                rows, labels = rows + [x_tilde], labels + ["noisy"]
+            rows, labels = rows + [pl_module(x_tilde)], labels + ["denoised" if pl_module.noise is not None else "reconstruction"]
+            publish(trainer, "val/reconstructions", picture(rows, labels), self.dir / "reconstructions.png")
         if self.samples and pl_module.bottleneck.stochastic:
             g = torch.Generator(device=pl_module.device).manual_seed(self.seed)
             x = pl_module.sample(self.samples, generator=g)
-            publish(trainer, "val/samples", make_grid(x.cpu(), nrow=int(self.samples ** 0.5), pad_value=1.0),
-                    self.dir / "samples.png")
+            publish(trainer, "val/samples", picture(square(x)), self.dir / "samples.png")
         if self.manifold and pl_module.latent_dim == 2:
             # Points at evenly spaced quantiles of N(0, 1), as in Kingma & Welling (2014), fig. 4.
             q = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, self.manifold))
@@ -81,8 +139,9 @@ class Pictures(Callback):
 
     @torch.no_grad()
     def on_fit_end(self, trainer, pl_module):
-        if "activation_frequency" in pl_module.epoch_figures:
-            publish(trainer, "features", decoder_features(pl_module), self.dir / "features.png")
+        freq = pl_module.epoch_figures.get("activation_frequency")
+        if freq is not None and len(pl_module.shape) == 3:
+            publish(trainer, "features", decoder_features(pl_module, freq), self.dir / "features.png")
 
     @torch.no_grad()
     def on_test_epoch_end(self, trainer, pl_module):
@@ -100,17 +159,22 @@ class Pictures(Callback):
         fig.colorbar(points, ax=ax, label="label")
         ax.set(xlabel="z₁", ylabel="z₂", title="test-set latent codes")
         self.dir.mkdir(parents=True, exist_ok=True)
-        fig.savefig(self.dir / "latent_scatter.png", dpi=100)
+        fig.savefig(self.dir / "latent_scatter.png", dpi=100, bbox_inches="tight")
         for writer in image_loggers(trainer):
             writer.add_figure("test/latent_scatter", fig, trainer.global_step)
         plt.close(fig)
 
 
-def decoder_features(pl_module) -> torch.Tensor:
-    """One tile per latent unit: the decoder's output for that unit on alone, minus its output at 0."""
-    eye = torch.eye(pl_module.latent_dim, device=pl_module.device)
+def decoder_features(pl_module, frequency: torch.Tensor) -> torch.Tensor:
+    """One tile per latent unit, most often active first: the decoder's output for that unit on alone
+    (at 1) minus its output at 0, all tiles on one shared grey scale (so a unit that does little looks
+    flat); units that never fired on the validation set framed in red."""
+    order = frequency.argsort(descending=True, stable=True)
+    eye = torch.eye(pl_module.latent_dim, device=pl_module.device)[order.to(pl_module.device)]
     base = pl_module.likelihood.mean(pl_module.decode(torch.zeros_like(eye[:1])))
     tiles = pl_module.likelihood.mean(pl_module.decode(eye)) - base
-    lo, hi = tiles.flatten(1).min(1).values, tiles.flatten(1).max(1).values
-    tiles = (tiles - lo.view(-1, 1, 1, 1)) / (hi - lo).clamp_min(1e-8).view(-1, 1, 1, 1)
-    return make_grid(tiles.cpu(), nrow=int(len(tiles) ** 0.5 + 0.999), pad_value=1.0)
+    span = tiles.abs().max().clamp_min(1e-8)
+    tiles = tiles / (2 * span) + 0.5  # 0.5 grey: no change from the empty code
+    dead = frequency[order] == 0
+    return picture(square(tiles), frames=torch.cat(square(dead.view(-1, 1, 1, 1))).flatten(),
+                   title=f"{len(dead)} units by activation frequency; {int(dead.sum())} dead (red)")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
 from PIL import Image
 
-from conftest import FAST, autoenc, compose, one_line_error, rebuilt, tb_tags, train_here
+from conftest import FAST, autoenc, compose, one_line_error, rebuilt, tb_scalars, tb_tags, train_here
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +28,14 @@ def runs(tmp_path_factory) -> dict[str, tuple]:
 
 def test_sparse_run_writes_one_feature_tile_per_unit_and_a_frequency_histogram(runs):
     run_dir, results = runs["sparse"]
-    # 128 units of 8×8 in a 12-wide grid, 2-pixel padding: 12 columns, 11 rows.
-    assert Image.open(run_dir / "features.png").size == (2 + 12 * 10, 2 + 11 * 10)
+    # 128 units of 8×8 shown at 64 px in a 12-wide grid (2-px gaps) under a 22-px title; the units that
+    # never fired on the last validation are framed in red, and come last (most often active first).
+    img = np.asarray(Image.open(run_dir / "features.png").convert("RGB")).astype(int)
+    assert img.shape == (22 + 11 * 66 + 2, 12 * 66 + 2, 3)
+    corners = [img[22 + 2 + r * 66, 2 + c * 66] for r in range(11) for c in range(12)][:128]
+    red = [bool(p[0] > 200 and p[1] < 60 and p[2] < 60) for p in corners]
+    dead = round(dict(tb_scalars(run_dir, "val/dead_fraction"))[max(dict(tb_scalars(run_dir, "val/dead_fraction")))] * 128)
+    assert sum(red) == dead and red == sorted(red)  # all the red tiles at the end
     tags = tb_tags(run_dir)
     assert "val/activation_frequency" in tags["histograms"]
     assert {"val/l0", "val/dead_fraction", "train/l0_step"} <= tags["scalars"]
@@ -52,9 +59,9 @@ def tb_image_height(run_dir, tag: str) -> int:
 
 
 def test_denoising_image_has_clean_noisy_denoised_rows(runs):
-    # 8×8 tiles, 2-pixel padding: 3 rows are 32 pixels high, the plain AE's 2 rows 22.
-    assert tb_image_height(runs["masking"][0], "val/reconstructions") == 32
-    assert tb_image_height(runs["ae"][0], "val/reconstructions") == 22
+    # 8×8 digits at 64 px, 2-pixel gaps: 3 rows (input, noisy, denoised) are 200 px high, the plain AE's 2 rows 134.
+    assert tb_image_height(runs["masking"][0], "val/reconstructions") == 3 * 66 + 2
+    assert tb_image_height(runs["ae"][0], "val/reconstructions") == 2 * 66 + 2
 
 
 def test_psnr_equals_recomputation_from_the_best_checkpoint(runs):
