@@ -34,6 +34,13 @@ class Linear(nn.Module):
         """How wide the encoder's head must be for a code of latent_dim units."""
         return latent_dim
 
+    def setup(self, latent_dim: int) -> None:
+        """Called once the latent size is known (state that depends on it)."""
+
+    def auxiliary(self, latent: Latent, training: bool) -> tuple[torch.Tensor, float] | None:
+        """A second code that must explain what the code leaves unexplained, and its loss weight (AuxK)."""
+        return None
+
     def activation(self, h: torch.Tensor) -> torch.Tensor:
         return h
 
@@ -97,11 +104,34 @@ class Sigmoid(Linear):
 
 
 class TopK(ReLU):
-    """The k largest of h per example, then ReLU; the rest zero (Makhzani & Frey 2013; Gao et al. 2024)."""
+    """The k largest of h per example, then ReLU; the rest zero (Makhzani & Frey 2013; Gao et al. 2024).
+    AuxK (Gao et al. 2024, sec. 2.4): units that have not fired for `dead_window` training steps are
+    dead; the aux_k largest of their pre-activations form an auxiliary code that must reconstruct the
+    residual the live code leaves, with weight `aux_coef`, which gives dead units gradient again."""
 
-    def __init__(self, k: int = 8, threshold: float | None = 0.0):
+    def __init__(self, k: int = 8, threshold: float | None = 0.0, aux_k: int | None = None,
+                 aux_coef: float = 0.0, dead_window: int = 200):
         super().__init__(threshold)
-        self.k = k
+        self.k, self.aux_k, self.aux_coef, self.dead_window = k, aux_k, aux_coef, dead_window
+
+    def setup(self, latent_dim):
+        # steps since each unit last fired in training (a buffer: checkpoints keep it, resume is exact)
+        self.register_buffer("since_fired", torch.zeros(latent_dim, dtype=torch.long))
+
+    def auxiliary(self, latent, training):
+        if not training or not self.aux_coef:
+            return None
+        with torch.no_grad():
+            fired = (latent.code > 0).any(0)
+            _any_over_ranks(fired)
+            self.since_fired.add_(1).masked_fill_(fired, 0)
+            dead = self.since_fired >= self.dead_window
+        if not dead.any():
+            return None
+        k = min(self.aux_k or len(dead) // 2, int(dead.sum()))
+        top = latent.h.masked_fill(~dead, float("-inf")).topk(k, dim=1)
+        # no ReLU here: a unit pushed far below zero still gets the gradient that brings it back
+        return torch.zeros_like(latent.h).scatter(1, top.indices, top.values), self.aux_coef
 
     def active_size(self, latent_dim):
         return self.k
@@ -159,6 +189,16 @@ class Gaussian(Linear):
         eps = torch.randn(n, *mean.shape, generator=generator, device=h.device, dtype=h.dtype)
         z = mean + torch.exp(0.5 * logvar) * eps
         return z, log_normal(z, torch.zeros_like(z), torch.zeros_like(z)) - log_normal(z, mean, logvar)
+
+
+def _any_over_ranks(flags: torch.Tensor) -> None:
+    """In place: true where any DDP rank's flag is (all ranks then agree on which units are dead)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        as_int = flags.int()
+        dist.all_reduce(as_int, op=dist.ReduceOp.MAX)
+        flags.copy_(as_int.bool())
 
 
 def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

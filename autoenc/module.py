@@ -20,6 +20,20 @@ from autoenc.seeds import Stream, derive
 log = logging.getLogger("autoenc")
 
 
+def epoch_means(steps: list) -> dict[str, torch.Tensor]:
+    """Each term's batch-size-weighted mean over the steps that had it (terms may start mid-epoch)."""
+    groups: dict[tuple, list] = {}
+    for keys, values, n in steps:
+        groups.setdefault(keys, []).append((values, n))
+    sums, counts = {}, {}
+    for keys, rows in groups.items():
+        w = rows[0][0].new_tensor([n for _, n in rows])
+        total = (torch.stack([v for v, _ in rows]) * w[:, None]).sum(0)
+        for k, v in zip(keys, total):
+            sums[k], counts[k] = sums.get(k, 0) + v, counts.get(k, 0) + w.sum()
+    return {k: sums[k] / counts[k] for k in sums}
+
+
 def psnr(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Mean per-image PSNR, 10·log10(1/MSE) dB on [0, 1] pixels (capped at 100 dB)."""
     # Per image, not per set: logged with batch_size weights, the epoch value is the split's mean
@@ -39,6 +53,7 @@ class AutoencoderModule(pl.LightningModule):
         super().__init__()
         self.shape, self.latent_dim = tuple(shape), latent_dim
         self.bottleneck = bottleneck if bottleneck is not None else Linear()
+        self.bottleneck.setup(latent_dim)
         self.likelihood = likelihood if likelihood is not None else Bernoulli()
         self.encoder, self.decoder = net(shape=self.shape, latent_dim=latent_dim,
                                          head_dim=self.bottleneck.head_dim(latent_dim))
@@ -52,7 +67,7 @@ class AutoencoderModule(pl.LightningModule):
         self._generators: dict[tuple, torch.Generator] = {}  # val/test randomness, restarted every epoch
         self._stats: dict[str, torch.Tensor] = {}
         self.epoch_figures: dict[str, torch.Tensor] = {}
-        self._train_epoch: dict = {}  # keys, and (values, batch size) of each step of the epoch
+        self._train_steps: list = []  # (term names, their values, batch size) of each step of the epoch
         if compile:  # in place, so parameter names (and checkpoints) stay those of the plain modules
             self.encoder.compile()
             self.decoder.compile()
@@ -103,6 +118,14 @@ class AutoencoderModule(pl.LightningModule):
         for term in (extra, penalty):  # the terms that exist: no zeros added on every step
             loss = loss if term is None else loss + term
         parts = {"loss": loss, "recon": recon, **({} if penalty is None else {"penalty": penalty})}
+        aux = self.bottleneck.auxiliary(latent, progress is not None)
+        if aux is not None:
+            # AuxK: the auxiliary code's decoding, added to the code's, must explain the rest of x; only
+            # the auxiliary code and the decoder's part for it get gradient (Gao et al. 2024, eq. 2)
+            z_aux, weight = aux
+            aux_logits = logits.detach() + self.decode(z_aux) - self.decode(torch.zeros_like(z_aux))
+            parts["auxk"] = self.likelihood.nll(aux_logits, x).mean()
+            parts["loss"] = loss + weight * parts["auxk"]
         return {**parts, **terms, **stats}, latent, logits
 
     def _shared_step(self, batch, stage: str, progress: float | None = None):
@@ -113,8 +136,8 @@ class AutoencoderModule(pl.LightningModule):
             return terms
         if latent.z is not latent.code:  # evaluation reconstructs from the deterministic code
             logits = self.decode(latent.code)
-        self._accumulate(latent)
         x_hat = self.likelihood.mean(logits)
+        self._accumulate(latent, x, x_hat)
         terms["mse"] = F.mse_loss(x_hat, x)
         if self.noise is not None:
             terms |= {"psnr_noisy": psnr(x_tilde, x), "psnr_denoised": psnr(x_hat, x)}
@@ -132,10 +155,8 @@ class AutoencoderModule(pl.LightningModule):
         """Keeps each step's values (detached, on the device) for the epoch means, and writes them to the
         loggers every `log_every_n_steps` steps: one `self.log` per term and step costs more than a
         small model's step (scripts/benchmark.py)."""
-        values, acc = torch.stack([v.detach() for v in terms.values()]), self._train_epoch
-        if not acc:
-            acc.update(keys=list(terms), steps=[])
-        acc["steps"].append((values, n))
+        values = torch.stack([v.detach() for v in terms.values()])
+        self._train_steps.append((tuple(terms), values, n))
         step = self.global_step
         if self.trainer.log_every_n_steps and step % self.trainer.log_every_n_steps == 0:
             logged = {f"train/{k}_step": v for k, v in zip(terms, values.tolist())}
@@ -145,14 +166,9 @@ class AutoencoderModule(pl.LightningModule):
             self.log("train/loss_step", logged["train/loss_step"], logger=False, prog_bar=True)
 
     def on_train_epoch_end(self):
-        acc = self._train_epoch
-        if acc:
-            values, sizes = zip(*acc["steps"])
-            w = torch.tensor(sizes, dtype=values[0].dtype, device=values[0].device)
-            means = (torch.stack(values) * w[:, None]).sum(0) / w.sum()
-            for k, v in zip(acc["keys"], means):
-                self.log(f"train/{k}_epoch", v, prog_bar=k == "loss", sync_dist=True)
-        acc.clear()
+        for k, v in epoch_means(self._train_steps).items():
+            self.log(f"train/{k}_epoch", v, prog_bar=k == "loss", sync_dist=True)
+        self._train_steps = []
 
     def validation_step(self, batch, batch_idx):
         self._shared_step(batch, "val")
@@ -189,10 +205,10 @@ class AutoencoderModule(pl.LightningModule):
         return self.likelihood.mean(self.decode(z))
 
     # ---- whole-split code statistics (dead units, active units) -----------------------------
-    def _accumulate(self, latent: Latent) -> None:
-        code = latent.code.detach().float()
+    def _accumulate(self, latent: Latent, x: torch.Tensor, x_hat: torch.Tensor) -> None:
+        code, x, x_hat = latent.code.detach().float(), x.flatten(1).float(), x_hat.detach().flatten(1).float()
         parts = {"n": torch.tensor(float(len(code)), device=code.device), "sum": code.sum(0),
-                 "sq": code.pow(2).sum(0)}
+                 "sq": code.pow(2).sum(0), "sse": (x - x_hat).pow(2).sum(), "x_sum": x.sum(0), "x_sq": x.pow(2).sum()}
         active = self.bottleneck.active(code)
         if active is not None:
             parts["active"] = active.float().sum(0)
@@ -205,12 +221,14 @@ class AutoencoderModule(pl.LightningModule):
         if not stats or self.trainer.sanity_checking:
             return
         self.epoch_figures = self.bottleneck.split_figures(stats)
+        # fraction of variance unexplained: Σ‖x − x̂‖² / Σ‖x − x̄‖², x̄ the split's mean example
+        self.epoch_figures["fvu"] = stats["sse"] / (stats["x_sq"] - stats["x_sum"].pow(2).sum() / stats["n"]).clamp_min(1e-12)
         self.log_dict({f"{stage}/{k}": v for k, v in self.epoch_figures.items() if v.dim() == 0})
 
     def on_train_epoch_start(self):
         # torch's global generator is left to user code (e.g. dropout in a custom net): seeded per epoch
         torch.manual_seed(derive(self.seed, "global", self.current_epoch, self.global_rank))
-        self._train_epoch.clear()  # (not called when a run resumes inside an epoch)
+        self._train_steps = []  # (not called when a run resumes inside an epoch)
 
     def _restart(self, stage: str) -> None:
         self._stats = {}
@@ -253,12 +271,9 @@ class AutoencoderModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.run_config is not None:
             checkpoint["autoenc_config"] = self.run_config
-        if self._train_epoch.get("steps"):  # so that a mid-epoch resume logs the whole epoch's means
-            values, sizes = zip(*self._train_epoch["steps"])
-            checkpoint["autoenc_train_epoch"] = {"epoch": self.current_epoch, "keys": self._train_epoch["keys"],
-                                                 "values": torch.stack(values).cpu(), "sizes": list(sizes)}
+        if self._train_steps:  # so that a mid-epoch resume logs the whole epoch's means
+            checkpoint["autoenc_train_steps"] = [(list(k), v.cpu(), n) for k, v, n in self._train_steps]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved = checkpoint.get("autoenc_train_epoch")  # a resumed epoch's earlier steps, for its means
-        if saved:
-            self._train_epoch = {"keys": saved["keys"], "steps": list(zip(saved["values"], saved["sizes"]))}
+        # a resumed epoch's earlier steps, for its means
+        self._train_steps = [(tuple(k), v.to(self.device), n) for k, v, n in checkpoint.get("autoenc_train_steps", [])]

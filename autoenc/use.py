@@ -50,7 +50,9 @@ def load_run(cfg: DictConfig) -> Run:
         raise UserError("name the checkpoint to use: ckpt=<run>/checkpoints/best.ckpt")
     path = Path(str(cfg.ckpt)).expanduser()
     ckpt = load_checkpoint(path)
-    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    # the run directory: the nearest folder above the checkpoint that holds the run's .hydra/
+    run_dir = next((d for d in path.resolve().parents if (d / ".hydra").is_dir()),
+                   path.parent.parent if path.parent.name == "checkpoints" else path.parent)
     saved = run_dir / ".hydra" / "config.yaml"
     if saved.is_file():
         run_cfg = OmegaConf.load(saved)
@@ -95,7 +97,7 @@ def inputs(cfg: DictConfig, run: Run) -> Inputs:
             raise UserError(f"split={cfg.split!r} is not one of {', '.join(splits)}")
         x, y = splits[cfg.split]
         return Inputs(x, y.cpu(), np.arange(len(x)), cfg.split)
-    from autoenc.data import Arrays, read_images
+    from autoenc.datasets import Arrays, read_images
 
     path = Path(str(cfg.input)).expanduser()
     if path.suffix in ARRAY_SUFFIXES:

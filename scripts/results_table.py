@@ -1,11 +1,12 @@
-"""Trains the five families on each data set with a fixed small budget, evaluates them, prints a markdown table.
+"""Trains the five families on each data set with a fixed budget, evaluates them, prints a markdown table.
 
-    python scripts/results_table.py --data digits:60:32 fashion_mnist:2:128 mnist:2:128 --out outputs/results_table
+    python scripts/results_table.py --data mnist:20:128 fashion_mnist:20:128 --out outputs/results_table
 
-Each `name:epochs:batch_size` trains `autoenc train model=<family> data=<name>` with that budget (the same
-latent size for all, so test MSE compares with PCA at that size), then runs `autoenc evaluate` on the best
-checkpoint.
-A data set that cannot be loaded here (e.g. missing files) gets a row saying why.
+Each `name:epochs:batch_size` trains `autoenc train model=<family> data=<name>` for each family (with
+`--latent-dim` for the families whose preset does not choose its own code size, and a family's own
+overrides after a colon: `contractive:model.latent_dim=256`), then runs `autoenc evaluate` on the best
+checkpoint. Each row says how long training and evaluation took on this machine. A data set that cannot
+be loaded here (e.g. missing files) gets a row saying why.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import time
 from pathlib import Path
 
 FAMILIES = ("ae", "sparse", "denoising", "contractive", "vae")
-COLUMNS = ("data", "model", "epochs × batch", "test MSE", "PCA MSE", "probe acc. (code)", "probe acc. (pixels)", "VAE NLL")
+COLUMNS = ("data", "model", "code", "epochs × batch", "wall time", "test MSE", "PCA MSE (components)",
+           "probe acc. (code)", "probe acc. (pixels)", "NLL (IWAE) / active units")
 
 
 def autoenc(*args: str) -> subprocess.CompletedProcess:
@@ -42,32 +44,45 @@ def data_problem(data: str) -> str | None:
     return None
 
 
-def one_run(data: str, family: str, epochs: str, batch_size: str, args) -> list[str]:
+def one_run(data: str, spec: str, epochs: str, batch_size: str, args) -> list[str]:
     """Trains and evaluates one model; its table row (or the one-line reason it could not run)."""
-    run = args.out / data / family
-    proc = autoenc("train", f"model={family}", f"data={data}", f"model.latent_dim={args.latent_dim}",
-                   f"trainer.max_epochs={epochs}", f"data.batch_size={batch_size}", "eval.iwae_samples=0",
-                   f"hydra.run.dir={run}", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-                   *args.overrides)
+    family, _, extra = spec.partition(":")
+    overrides = [o for o in extra.split(",") if o]
+    latent = [] if family in ("sparse", "contractive") or any(o.startswith("model.latent_dim") for o in overrides) \
+        else [f"model.latent_dim={args.latent_dim}"]
+    run = args.out / data / spec.replace(":", "_").replace(",", "_").replace("=", "")
+    start = time.time()
+    proc = autoenc("train", f"model={family}", f"data={data}", *latent, f"trainer.max_epochs={epochs}",
+                   f"data.batch_size={batch_size}", "eval.iwae_samples=0", f"hydra.run.dir={run}",
+                   "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", *overrides, *args.overrides)
     if proc.returncode == 0:
         proc = autoenc("evaluate", f"ckpt={run / 'checkpoints' / 'best.ckpt'}",
                        f"eval.iwae_samples={args.iwae_samples}", f"eval.probe_examples={args.probe_examples}")
+    wall = f"{time.time() - start:.0f} s"
+    name = " ".join([family, *overrides])
     if proc.returncode != 0:
         reason = (proc.stderr.strip().splitlines() or ["failed"])[-1].removeprefix("autoenc: error: ")
-        return [data, family, f"{epochs} × {batch_size}", f"failed: {reason}"] + [""] * 4
+        return [data, name, "", f"{epochs} × {batch_size}", wall, f"failed: {reason}"] + [""] * 4
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
     e = json.loads((run / "evaluation.json").read_text())
-    nll = f"{e['nll_iwae']:.2f} (K={args.iwae_samples})" if "nll_iwae" in e else "–"
-    return [data, family, f"{epochs} × {batch_size}", f"{e['mse']:.4f}", f"{e['pca_mse']:.4f}",
-            f"{e['probe_accuracy']:.3f}", f"{e['probe_accuracy_pixels']:.3f}", nll]
+    code = f"{cfg.model.latent_dim} {cfg.bottleneck._target_.rsplit('.', 1)[-1].lower()}"
+    vae = f"{e['nll_iwae']:.2f} (K={args.iwae_samples}) / {e['active_units']:.0f}" if "nll_iwae" in e else "–"
+    return [data, name, code, f"{epochs} × {batch_size}", wall, f"{e['mse']:.4f}",
+            f"{e['pca_mse']:.4f} ({e['pca_components']:.0f})", f"{e['probe_accuracy']:.3f}",
+            f"{e['probe_accuracy_pixels']:.3f}", vae]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", nargs="+", default=["digits:60:32", "fashion_mnist:2:128", "mnist:2:128"],
+    parser.add_argument("--data", nargs="+", default=["mnist:20:128", "fashion_mnist:20:128"],
                         help="data config, epochs and batch size: name:epochs:batch_size")
-    parser.add_argument("--latent-dim", type=int, default=16)
-    parser.add_argument("--iwae-samples", type=int, default=100, help="K for the VAE's IWAE NLL")
-    parser.add_argument("--probe-examples", type=int, default=5000, help="training examples for the probes")
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES),
+                        help="model presets, each optionally with overrides: contractive:model.latent_dim=256")
+    parser.add_argument("--latent-dim", type=int, default=32, help="code size where the preset chooses none")
+    parser.add_argument("--iwae-samples", type=int, default=1000, help="K for the VAE's IWAE NLL")
+    parser.add_argument("--probe-examples", type=int, default=10000, help="training examples for PCA and the probes")
     parser.add_argument("--out", type=Path, default=Path(time.strftime("outputs/results_table/%Y-%m-%d_%H-%M-%S")),
                         help="a new directory for the runs (an existing one would mix old checkpoints in)")
     parser.add_argument("overrides", nargs="*", help="extra `autoenc train` overrides for every run")
@@ -79,17 +94,15 @@ def main() -> None:
         data, epochs, batch_size = spec.split(":")
         problem = data_problem(data)
         if problem:
-            rows.append([data, "all", f"{epochs} × {batch_size}", f"not available on this machine: {problem}"]
-                        + [""] * 4)
+            rows.append([data, "all", "", f"{epochs} × {batch_size}", "", f"not available here: {problem}"] + [""] * 4)
             continue
-        for family in FAMILIES:
+        for family in args.families:
             rows.append(one_run(data, family, epochs, batch_size, args))
             print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
     print(f"| {' | '.join(COLUMNS)} |\n|{'---|' * len(COLUMNS)}")
     print("\n".join(f"| {' | '.join(r)} |" for r in rows))
-    print(f"\nlatent size {args.latent_dim} for every model; PCA with as many components, fitted on the "
-          f"training set; probes: logistic regression on ≤{args.probe_examples} training examples; "
-          f"{time.time() - start:.0f} s in all")
+    print(f"\nPCA with as many components as the code can have non-zero values, fitted on ≤{args.probe_examples} "
+          f"training examples; probes: logistic regression on the same examples; {time.time() - start:.0f} s in all")
 
 
 if __name__ == "__main__":

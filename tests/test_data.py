@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from autoenc.data import IDX, Digits, ImageFolder, TensorBatches, read_idx
+from autoenc.data import TensorBatches
+from autoenc.datasets import IDX, Digits, ImageFolder, read_idx
 from autoenc.errors import UserError
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from autoenc.errors import UserError
-from conftest import FAST, autoenc, compose, rebuilt, train_here
+from conftest import FAST, autoenc, rebuilt, train_here
 from test_use import use
 
 FAST_ARRAY = ["data=array", "data.batch_size=16", "model.latent_dim=3"]

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
-import pickle
 import signal
 import subprocess
 import sys

@@ -195,3 +195,23 @@ def test_truncated_checkpoint_is_a_one_line_error(ae, tmp_path):
     proc = autoenc("evaluate", f"ckpt={broken}", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "truncated or not a checkpoint" in proc.stderr
+
+
+def test_evaluate_fits_the_baselines_on_the_kind_of_data_it_scores(tmp_path, monkeypatch):
+    """A dynamically binarized run is scored on binarized test images, so PCA and the probes are fitted on
+    binarized training images; a top-k code is compared with PCA of k components."""
+    from autoenc import metrics
+
+    run = tmp_path / "run"
+    train_run(run, "data.binarize=dynamic", "bottleneck=topk", "bottleneck.k=3", "model.latent_dim=16")
+    seen = {}
+    real = metrics.pca_mse
+
+    def spy(train, test, components):
+        seen.update(train=train, test=test, components=components)
+        return real(train, test, components)
+
+    monkeypatch.setattr(metrics, "pca_mse", spy)
+    figures = use("evaluate", f"ckpt={run / 'checkpoints' / 'best.ckpt'}", f"out={tmp_path / 'e.json'}")
+    assert set(seen["train"].unique().tolist()) == {0.0, 1.0} and set(seen["test"].unique().tolist()) == {0.0, 1.0}
+    assert seen["components"] == 3 and figures["pca_components"] == 3

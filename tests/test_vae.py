@@ -3,7 +3,6 @@ likelihood, prior samples, pictures, binarization and β warm-up."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from torch.distributions import Bernoulli, Normal, kl_divergence
 from autoenc.bottlenecks import gaussian_kl
 from autoenc.likelihoods import Gaussian
 from autoenc.train import build
-from conftest import compose, rebuilt, tb_scalars, tb_tags, train_here
+from conftest import compose, rebuilt, tb_tags, train_here
 
 RESULT_KEYS = {"test/nelbo", "test/recon", "test/kl", "test/mse", "test/active_units", "test/nll_iwae"}
 

@@ -1,0 +1,78 @@
+"""Test NLL (IWAE) of a VAE run's saved epochs, as a table and a picture with the published value as a line.
+
+    python scripts/nll_curve.py RUN --epochs 100 300 1000 3280 --k 1000 --published 86.76 --out nll.png
+
+RUN is a run of `autoenc train experiment=vae_mnist_iwae` that also saved weights every few epochs
+(e.g. `+callbacks.every10._target_=lightning.pytorch.callbacks.ModelCheckpoint ...every_n_epochs=10
+...save_top_k=-1 ...save_weights_only=true ...dirpath=RUN/checkpoints/epochs`, files `epoch=E.ckpt`, E
+counted from 0). For each asked epoch the weights after that many passes are rebuilt from the run's own
+config and scored on its test set with `autoenc.use` (weights_only loading, K importance samples).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def test_nll(run: Path, ckpt: Path, k: int, seed: int = 0) -> float:
+    """The IWAE estimate of the test set's −log p(x) in nats, for one checkpoint of the run."""
+    import torch
+    from omegaconf import OmegaConf
+    from tqdm import tqdm
+
+    from autoenc.use import load_run  # the same rebuild as the commands that use a model
+
+    cfg = OmegaConf.create({"ckpt": str(ckpt), "eval": {"iwae_samples": k}, "split": "test", "input": None})
+    r = load_run(cfg)
+    x, _ = r.datamodule.splits["test"]
+    g = torch.Generator(device=r.model.device).manual_seed(seed)
+    total = 0.0
+    with torch.no_grad():
+        for start in tqdm(range(0, len(x), 100), desc=ckpt.name, leave=False):
+            b = r.datamodule.transform(x[start:start + 100]).to(r.model.device)
+            total += float(-r.model.log_likelihood(b, k, g).sum())
+    return total / len(x)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", type=Path)
+    p.add_argument("--epochs", type=int, nargs="+", required=True, help="passes done (E+1 for epoch=E.ckpt)")
+    p.add_argument("--k", type=int, default=1000, help="importance samples")
+    p.add_argument("--published", type=float, default=86.76, help="the published NLL, drawn as a line")
+    p.add_argument("--out", type=Path, default=None, help="PNG (and .json beside it); default RUN/nll_curve.png")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    args = p.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    out = args.out or args.run / "nll_curve.png"
+    rows = []
+    for epochs in args.epochs:
+        ckpt = args.run / "checkpoints" / "epochs" / f"epoch={epochs - 1}.ckpt"
+        if not ckpt.is_file():
+            sys.exit(f"nll_curve: no {ckpt}")
+        start = time.time()
+        rows.append({"epochs": epochs, "nll": test_nll(args.run, ckpt, args.k), "k": args.k, "seconds": time.time() - start})
+        print(f"{epochs:>5} passes: test NLL {rows[-1]['nll']:.2f} nats (K={args.k}, {rows[-1]['seconds']:.0f} s)", flush=True)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["epochs"] for r in rows], [r["nll"] for r in rows], "o-", label=f"autoenc, IWAE K={args.k}")
+    ax.axhline(args.published, color="grey", ls="--", label=f"published: {args.published} (Burda et al. 2015, K=5000)")
+    ax.set(xscale="log", xlabel="passes over the training set", ylabel="test −log p(x) (nats)")
+    ax.legend()
+    fig.savefig(out, dpi=100, bbox_inches="tight")
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()
