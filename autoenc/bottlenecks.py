@@ -110,7 +110,7 @@ class TopK(ReLU):
     residual the live code leaves, with weight `aux_coef`, which gives dead units gradient again."""
 
     def __init__(self, k: int = 8, threshold: float | None = 0.0, aux_k: int | None = None,
-                 aux_coef: float = 0.0, dead_window: int = 200):
+                 aux_coef: float = 0.0, dead_window: int = 20):
         super().__init__(threshold)
         self.k, self.aux_k, self.aux_coef, self.dead_window = k, aux_k, aux_coef, dead_window
 

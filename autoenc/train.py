@@ -146,12 +146,23 @@ class SafetyNet(Callback):
 
 def build(cfg: DictConfig):
     """The data module and the model a config describes (the model built from the data's shape)."""
+    datamodule = make(cfg.data)
+    seams = {k: make(cfg[k]) if cfg.get(k) else None for k in ("noise", "bottleneck", "penalty", "likelihood")}
+    model = make(cfg.model, net=make(cfg.net), shape=datamodule.shape, **seams)
+    return datamodule, model
+
+
+def make(node, **kwargs):
+    """hydra.utils.instantiate, with a user's mistake found while building reported as itself."""
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    datamodule = instantiate(cfg.data)
-    seams = {k: instantiate(cfg[k]) if cfg.get(k) else None for k in ("noise", "bottleneck", "penalty", "likelihood")}
-    model = instantiate(cfg.model, net=instantiate(cfg.net), shape=datamodule.shape, **seams)
-    return datamodule, model
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, UserError):
+            raise e.__cause__ from None
+        raise
 
 
 def check_range(datamodule, likelihood) -> None:

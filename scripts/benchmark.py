@@ -35,6 +35,20 @@ FAMILIES = {
     "vae": ["model=vae"],
 }
 PATHS = ("autoenc", "floor")
+# --ablation: what each part of autoenc's default path costs per step (each variant turns one part off)
+CHECKPOINTS_OFF = ["callbacks.checkpoint=null", "callbacks.best=null", "callbacks.step_checkpoint=null",
+                   "+trainer.enable_checkpointing=false"]
+VARIANTS = {
+    "default": [],
+    "no progress bar": ["trainer.enable_progress_bar=false"],
+    "no TensorBoard logger": ["logger=none"],
+    "no checkpoints": CHECKPOINTS_OFF,
+    "no pictures callback": ["callbacks.pictures=null"],
+    "no non-finite/Ctrl-C callback": ["callbacks.safety=null"],
+    "constant learning rate": ["model.scheduler=null"],
+    "all of these off": ["trainer.enable_progress_bar=false", "logger=none", *CHECKPOINTS_OFF, "callbacks.pictures=null",
+                         "callbacks.safety=null", "model.scheduler=null"],
+}
 
 
 class PeakRSS:
@@ -258,6 +272,8 @@ def main(argv=None) -> dict:
     p.add_argument("--precision", default="32-true", help="trainer.precision, e.g. bf16-mixed")
     p.add_argument("--override", nargs="*", default=[], help="extra `autoenc train` overrides")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--ablation", action="store_true",
+                   help="for each family, also each variant with one part of the default path off")
     args = p.parse_args(argv)
     if args.warmup < 2:
         p.error("--warmup must be at least 2 (the clock starts at the end of a warm-up step)")
@@ -271,12 +287,15 @@ def main(argv=None) -> dict:
            "precision": args.precision, "data": args.data, "override": args.override}
     if args.device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
-    rows, first_step = {}, None
-    for family in args.families:
-        row = rows[family] = run_family(args, family)
+    rows, first_step, base = {}, None, list(args.override)
+    runs = [(f, v) for f in args.families for v in (VARIANTS if args.ablation else ["default"])]
+    for family, variant in runs:
+        args.override = [*base, *VARIANTS[variant]]
+        name = family if variant == "default" else f"{family}, {variant}"
+        row = rows[name] = run_family(args, family)
         since_process_start = row.pop("since_process_start")
         first_step = first_step or since_process_start
-        print(format_row(family, row), flush=True)
+        print(format_row(name, row), flush=True)
     # again as one block: the progress bars of the autoenc runs interleave with the lines above
     print("\n".join(format_row(f, r) for f, r in rows.items()))
     result = {"env": env, "families": rows, "process_to_first_step_s": first_step}
@@ -287,7 +306,7 @@ def main(argv=None) -> dict:
 
 def format_row(family: str, row: dict) -> str:
     a, f = row["autoenc"], row["floor"]
-    return (f"{family:<21} plain {row['plain']['samples_per_s']:8.0f}/s  autoenc {a['samples_per_s']:8.0f}/s "
+    return (f"{family:<40} plain {row['plain']['samples_per_s']:8.0f}/s  autoenc {a['samples_per_s']:8.0f}/s "
             f"ratio {a['ratio']:.3f} overhead {a['overhead_us']:6.0f} µs  |  Lightning floor ratio {f['ratio']:.3f} "
             f"overhead {f['overhead_us']:6.0f} µs  |  peak_rss_mb {row['peak_rss_mb']:5.0f}")
 

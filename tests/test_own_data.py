@@ -125,3 +125,21 @@ def test_compare_keeps_swept_choices_apart_from_figures_of_the_same_name(tmp_pat
     from test_scale import hparams_entry  # TensorBoard's HParams view shows the swept choice of each run
 
     assert sorted(hparams_entry(sweep / job)[0]["choice/penalty"] for job in ("0", "1")) == ["kl", "l1"]
+
+
+def test_mistakes_with_own_data_are_refused_in_one_line(tmp_path):
+    x, y = vectors()
+    np.savez(tmp_path / "v.npz", x=x, y=y)
+    data = [*FAST_ARRAY, f"data.path={tmp_path / 'v.npz'}", "likelihood=mse"]
+    with pytest.raises(UserError, match=r"^net=conv needs images \(C, H, W\); this data's examples have shape \(12,\): use net=mlp$"):
+        train_here(tmp_path / "conv", *data, "net=conv")
+    with pytest.raises(UserError, match=r"^data.classes=\[7\] selects no training example \(the labels are \[0, 1\]\)"):
+        train_here(tmp_path / "classes", *data, "data.classes=[7]")
+    train_here(tmp_path / "run", *data)
+    (tmp_path / "run" / ".hydra").mkdir()
+    (tmp_path / "run" / "config.yaml").rename(tmp_path / "run" / ".hydra" / "config.yaml")
+    ckpt = f"ckpt={tmp_path / 'run' / 'checkpoints' / 'best.ckpt'}"
+    with pytest.raises(UserError, match=r"^`reconstruct` draws pictures and this model takes vectors of shape \(12,\)"):
+        use("reconstruct", ckpt)
+    with pytest.raises(UserError, match=r"^normal=\[0, 1\] must name some but not all of the labels here"):
+        use("score", ckpt, "normal=[0,1]")

@@ -59,6 +59,10 @@ def test_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(tmp_
     assert a["global_step"] == b["global_step"] == 10
     for k, v in b["state_dict"].items():
         torch.testing.assert_close(a["state_dict"][k], v, rtol=1e-4, atol=1e-6)
+    # the epoch means of the training terms are the global batch's, not rank 0's half
+    epoch_ddp, epoch_one = (tb_scalars(d, "train/loss_epoch") for d in (ddp, tmp_path / "one"))
+    assert [s for s, _ in epoch_ddp] == [s for s, _ in epoch_one] and len(epoch_one) == 2
+    assert [v for _, v in epoch_ddp] == pytest.approx([v for _, v in epoch_one], rel=1e-4)
     # The second rank ran this job again (Lightning's launcher) inside the same run directory.
     assert (ddp / "train_ddp_process_1.log").is_file() and not (ROOT / "outputs" / "ddp").exists()
 

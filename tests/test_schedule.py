@@ -70,3 +70,17 @@ def test_reduce_on_plateau_watches_val_loss(tmp_path):
     assert [lrs[s] for s in (0, 3, 6)] == pytest.approx([LR, LR, LR / 2])
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)  # saved at the last validation,
     assert last["lr_schedulers"][0]["_last_lr"] == pytest.approx([LR / 2])       # before that epoch's step
+
+
+def test_gradient_accumulation_of_two_half_batches_is_one_step_of_the_whole_batch(tmp_path):
+    """Lightning's accumulate_grad_batches: 2 × 16 examples, one SGD step, equal to 1 × 32 (the same 32:
+    the shuffle does not depend on the batch size)."""
+    sgd = ["model.optimizer._target_=torch.optim.SGD", "model.optimizer.lr=0.5", "model.scheduler=null",
+           "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0"]
+    train_here(tmp_path / "acc", *sgd, "data.batch_size=16", "trainer.accumulate_grad_batches=2",
+               "trainer.limit_train_batches=2")
+    train_here(tmp_path / "one", *sgd, "data.batch_size=32", "trainer.limit_train_batches=1")
+    a, b = (torch.load(tmp_path / d / "checkpoints" / "last.ckpt", weights_only=True) for d in ("acc", "one"))
+    assert a["global_step"] == b["global_step"] == 1
+    for k, v in b["state_dict"].items():
+        torch.testing.assert_close(a["state_dict"][k], v, rtol=1e-5, atol=1e-6)
