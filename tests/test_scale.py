@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import FAST, ROOT, autoenc, train_here
+from conftest import FAST, ROOT, autoenc, tb_scalars, train_here
 
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "eval.iwae_samples=4"]
 # Whole batches only (5 train, 1 val, 2 test per epoch), so both runs see exactly the same examples.
