@@ -51,15 +51,23 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     out = args.out or args.run / "nll_curve.png"
+    # Figures already in the JSON (same epochs and K) are kept: an interrupted or extended curve goes on.
+    done = {(r["epochs"], r["k"]): r for r in json.loads(out.with_suffix(".json").read_text())} \
+        if out.with_suffix(".json").is_file() else {}
     rows = []
-    for epochs in args.epochs:
-        ckpt = args.run / "checkpoints" / "epochs" / f"epoch={epochs - 1}.ckpt"
-        if not ckpt.is_file():
-            sys.exit(f"nll_curve: no {ckpt}")
-        start = time.time()
-        rows.append({"epochs": epochs, "nll": test_nll(args.run, ckpt, args.k), "k": args.k, "seconds": time.time() - start})
+    for epochs in sorted(args.epochs):
+        # A resumed run that saves an epoch again writes epoch=E-v1.ckpt: the newest file is the trajectory's.
+        found = sorted((args.run / "checkpoints" / "epochs").glob(f"epoch={epochs - 1}*.ckpt"), key=lambda f: f.stat().st_mtime)
+        found = [f for f in found if f.stem.split("-v")[0] == f"epoch={epochs - 1}"]
+        if not found:
+            sys.exit(f"nll_curve: no checkpoint epoch={epochs - 1}.ckpt in {args.run / 'checkpoints' / 'epochs'}")
+        if (epochs, args.k) not in done:
+            start = time.time()
+            done[epochs, args.k] = {"epochs": epochs, "nll": test_nll(args.run, found[-1], args.k), "k": args.k,
+                                    "checkpoint": found[-1].name, "seconds": time.time() - start}
+        rows.append(done[epochs, args.k])
         print(f"{epochs:>5} passes: test NLL {rows[-1]['nll']:.2f} nats (K={args.k}, {rows[-1]['seconds']:.0f} s)", flush=True)
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+        out.with_suffix(".json").write_text(json.dumps(sorted(done.values(), key=lambda r: (r["k"], r["epochs"])), indent=2) + "\n")
     import matplotlib
 
     matplotlib.use("Agg")

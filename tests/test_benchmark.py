@@ -14,10 +14,10 @@ from benchmark import FAMILIES  # noqa: E402
 
 
 def test_benchmark_measures_every_family_and_finds_a_known_per_step_cost(tmp_path):
-    """5 ms of sleep after each autoenc step must show as ≥ 5,000 µs of autoenc overhead, and not in the
-    Lightning floor, which runs without it."""
+    """50 ms of sleep after each autoenc step must show as autoenc overhead, and not in the Lightning floor,
+    which runs without it (a margin of 10 ms per step for a busy machine's preemptions over 6 steps)."""
     out = tmp_path / "bench.json"
-    delay = ["+callbacks.delay._target_=helpers.Delay", "+callbacks.delay.seconds=0.005"]
+    delay = ["+callbacks.delay._target_=helpers.Delay", "+callbacks.delay.seconds=0.05"]
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--data", "digits",
                            "--steps", "6", "--warmup", "2", "--block", "3", "--out", str(out), "--override",
                            "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", *delay],
@@ -29,7 +29,7 @@ def test_benchmark_measures_every_family_and_finds_a_known_per_step_cost(tmp_pat
     assert result["env"]["batch_size"] == 128 and result["env"]["steps"] == 6 and result["env"]["threads"] == 1
     for family, row in result["families"].items():
         assert row["steps"] == 6 and row["peak_rss_mb"] > 0, family
-        assert row["autoenc"]["overhead_us"] >= 5000 > row["floor"]["overhead_us"], family
+        assert row["autoenc"]["overhead_us"] >= 40_000 > row["floor"]["overhead_us"] + 10_000, family
         assert row["autoenc"]["ratio"] < row["floor"]["ratio"], family
         assert row["autoenc"]["startup_s"] > 0 and row["plain"]["startup_s"] > 0
         assert f"{family} " in proc.stdout  # one printed line per family

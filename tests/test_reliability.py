@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import FAST, ROOT, autoenc, cli_error, compose, one_line_error, train_here, train_run
+from conftest import FAST, autoenc, cli_error, compose, one_line_error, train_here
 
 
 @pytest.mark.parametrize("overrides, expected", [
@@ -127,48 +124,6 @@ def test_lightning_gradient_clipping_bounds_the_step(tmp_path):
 def test_same_seed_same_results(tmp_path, trained):
     again = train_here(tmp_path / "again")
     assert again == trained[1]
-
-
-def _start(run_dir, *overrides):
-    return subprocess.Popen([sys.executable, "-m", "autoenc", "train", f"hydra.run.dir={run_dir}",
-                             "trainer.enable_progress_bar=false", "data.batch_size=16", *overrides],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _wait_for(path, proc, timeout=120):
-    start = time.time()
-    while not path.exists():
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.time() - start < timeout
-        time.sleep(0.05)
-
-
-@pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
-    args = ["trainer.max_epochs=3", "model=denoising", "data.batch_size=16", "trainer.enable_progress_bar=false"]
-    full = train_run(tmp_path / "full", *args, fast=False)
-    proc = _start(tmp_path / "killed", *args)
-    _wait_for(tmp_path / "killed" / "checkpoints" / "last.ckpt", proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    resumed = train_run(tmp_path / "resumed", *args, f"ckpt_path={tmp_path / 'killed' / 'checkpoints' / 'last.ckpt'}",
-                        fast=False)
-    a, b = (torch.load(tmp_path / d / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-            for d in ("full", "resumed"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert resumed == full
-
-
-@pytest.mark.slow
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-    proc = _start(tmp_path, "trainer.max_epochs=1000")
-    _wait_for(tmp_path / "checkpoints" / "last.ckpt", proc)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
-    assert "Traceback" not in out and "interrupted at step" in out
-    step = int(out.split("interrupted at step ")[1].split(";")[0])
-    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == step > 0
 
 
 def test_full_disk_is_one_line(monkeypatch, capsys):
