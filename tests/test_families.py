@@ -8,7 +8,7 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
-from conftest import FAST, autoenc, compose, one_line_error, rebuilt, tb_scalars, tb_tags, train_here
+from conftest import FAST, cli_error, compose, rebuilt, tb_scalars, tb_tags, train_here
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +92,9 @@ def test_contractive_analytic_and_exact_runs_agree(runs):
     assert analytic["test/loss"] == pytest.approx(exact["test/loss"], rel=1e-4)
 
 
-def test_analytic_contractive_with_a_deep_encoder_is_a_one_line_error(tmp_path):
-    line = one_line_error(autoenc("train", f"hydra.run.dir={tmp_path}", *FAST, "model=contractive", "net=mlp",
-                                  "penalty.method=analytic", check=False))
+def test_analytic_contractive_with_a_deep_encoder_is_a_one_line_error(tmp_path, capsys):
+    line = cli_error(capsys, "train", f"hydra.run.dir={tmp_path}", *FAST, "model=contractive", "net=mlp",
+                     "penalty.method=analytic")
     assert line == ("autoenc: error: penalty.method=analytic needs a one-layer encoder (net=mlp_shallow); "
                     "use penalty.method=exact or estimate")
 

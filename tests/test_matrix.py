@@ -11,7 +11,7 @@ import torch
 from autoenc.cli import CONFIGS
 from autoenc.errors import UserError
 from autoenc.schema import validate
-from conftest import FAST, autoenc, compose, one_line_error, rebuilt, train_here
+from conftest import FAST, cli_error, compose, rebuilt, train_here
 
 
 def options(group: str) -> list[str]:
@@ -112,9 +112,9 @@ def test_a_setting_for_a_choice_without_settings_is_refused():
         validate(compose("noise=none", "+noise.p=0.5"))
 
 
-def test_the_cli_refuses_a_pair_and_a_typo_with_exit_2_and_one_line(tmp_path):
-    line = one_line_error(autoenc("train", f"hydra.run.dir={tmp_path}", *FAST, "model=vae", "penalty=kl", check=False))
+def test_the_cli_refuses_a_pair_and_a_typo_with_exit_2_and_one_line(tmp_path, capsys):
+    line = cli_error(capsys, "train", f"hydra.run.dir={tmp_path}", *FAST, "model=vae", "penalty=kl")
     assert line == ("autoenc: error: penalty=kl needs rates in [0, 1], which bottleneck=gaussian does not give; "
                     "choose bottleneck=sigmoid, or another penalty")
-    line = one_line_error(autoenc("train", f"hydra.run.dir={tmp_path}", "+model.latnt_dim=3", check=False))
+    line = cli_error(capsys, "train", f"hydra.run.dir={tmp_path}", "+model.latnt_dim=3")
     assert line.endswith("did you mean model.latent_dim?")

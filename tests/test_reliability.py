@@ -37,13 +37,13 @@ def test_bad_input_gets_one_line_and_exit_2(tmp_path, capsys, overrides, expecte
     assert line.startswith("autoenc: error: ") and expected in line
 
 
-def test_a_refusal_from_the_installed_command_is_one_line_and_exit_2_and_leaves_no_run_directory(tmp_path):
+def test_a_refusal_from_the_installed_command_is_one_line_and_exit_2_and_leaves_no_run_directory(tmp_path, capsys):
     line = one_line_error(autoenc("train", f"hydra.run.dir={tmp_path / 'run'}", "model.latent_dim=0", check=False))
     assert line.startswith("autoenc: error: model.latent_dim=0 is invalid")
     assert not (tmp_path / "run").exists()
     (tmp_path / "kept").mkdir()  # a directory with something of the user's in it stays
     (tmp_path / "kept" / "notes.txt").write_text("mine")
-    one_line_error(autoenc("train", f"hydra.run.dir={tmp_path / 'kept'}", "model.latent_dim=0", check=False))
+    cli_error(capsys, "train", f"hydra.run.dir={tmp_path / 'kept'}", "model.latent_dim=0")
     assert (tmp_path / "kept" / "notes.txt").read_text() == "mine"
 
 
