@@ -82,7 +82,7 @@ def main() -> None:
                         help="model presets, each optionally with overrides: contractive:model.latent_dim=256")
     parser.add_argument("--latent-dim", type=int, default=32, help="code size where the preset chooses none")
     parser.add_argument("--iwae-samples", type=int, default=1000, help="K for the VAE's IWAE NLL")
-    parser.add_argument("--probe-examples", type=int, default=60000, help="training examples for PCA and the probes (all of MNIST's)")
+    parser.add_argument("--probe-examples", type=int, default=60000, help="training examples for PCA and the probes (at most the training split)")
     parser.add_argument("--out", type=Path, default=Path(time.strftime("outputs/results_table/%Y-%m-%d_%H-%M-%S")),
                         help="a new directory for the runs (an existing one would mix old checkpoints in)")
     parser.add_argument("overrides", nargs="*", help="extra `autoenc train` overrides for every run")
