@@ -235,3 +235,12 @@ def _binarize(x: torch.Tensor, seed: int) -> torch.Tensor:
     """One seeded Bernoulli sample of each image (stored as 0/1 floats)."""
     g = torch.Generator().manual_seed(seed)
     return torch.bernoulli(to_unit(x[:]), generator=g)
+
+
+def __getattr__(name: str):
+    """Runs saved before the data sets moved to autoenc.datasets name them `autoenc.data.<Class>`."""
+    if name in ("Digits", "IDX", "CIFAR10", "ImageFolder", "Arrays", "read_idx", "read_images"):
+        from autoenc import datasets
+
+        return getattr(datasets, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
