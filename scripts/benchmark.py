@@ -10,7 +10,8 @@ minimal LightningModule whose training_step is the plain loop's loss, automatic 
 logger, bar or checkpoint); and as a plain loop (forward, loss, backward, step). Each Lightning path
 alternates with the plain loop in blocks of `--block` steps, so that both see whatever else the machine
 is doing. Per path: samples/s, the ratio to the plain loop, and the per-step overhead
-(1/path − 1/plain) · batch in µs.
+(1/path − 1/plain) · batch in µs, over all blocks and as the median over blocks (which a preemption
+landing in one block does not move).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -36,7 +38,7 @@ FAMILIES = {
 }
 PATHS = ("autoenc", "floor")
 # --ablation: what each part of autoenc's default path costs per step (each variant turns one part off)
-CHECKPOINTS_OFF = ["callbacks.checkpoint=null", "callbacks.best=null", "callbacks.step_checkpoint=null",
+CHECKPOINTS_OFF = ["callbacks.checkpoint=null", "callbacks.step_checkpoint=null",
                    "+trainer.enable_checkpointing=false"]
 VARIANTS = {
     "default": [],
@@ -46,9 +48,34 @@ VARIANTS = {
     "no pictures callback": ["callbacks.pictures=null"],
     "no non-finite/Ctrl-C callback": ["callbacks.safety=null"],
     "constant learning rate": ["model.scheduler=null"],
+    "no model summary callback": ["trainer.enable_model_summary=false"],
+    # what two defaults buy, set back to their former values
+    "step scalars every 10 steps (was)": ["trainer.log_every_n_steps=10"],
+    "bar redrawn every 10 steps (was)": ["callbacks.progress._target_=lightning.pytorch.callbacks.TQDMProgressBar",
+                                         "~callbacks.progress.refresh_interval", "+callbacks.progress.refresh_rate=10"],
     "all of these off": ["trainer.enable_progress_bar=false", "logger=none", *CHECKPOINTS_OFF, "callbacks.pictures=null",
-                         "callbacks.safety=null", "model.scheduler=null"],
+                         "callbacks.safety=null", "model.scheduler=null", "trainer.enable_model_summary=false"],
 }
+
+
+COUNTED = 5  # steps after the timed ones whose Python calls are counted
+
+
+class CallCounter:
+    """Python and C function calls made between start() and stop() (sys.setprofile): a per-step cost that
+    timing noise cannot blur."""
+
+    def start(self) -> None:
+        self.n = 0
+        sys.setprofile(self._count)
+
+    def _count(self, frame, event, arg) -> None:
+        if event == "call" or event == "c_call":
+            self.n += 1
+
+    def stop(self) -> int:
+        sys.setprofile(None)
+        return self.n
 
 
 class PeakRSS:
@@ -91,7 +118,7 @@ def compose(args, family: str, out_dir: str):
     from autoenc.cli import CONFIGS
 
     overrides = [f"data={args.data}", f"data.batch_size={args.batch_size}", *FAMILIES[family],
-                 f"trainer.max_steps={args.warmup + args.steps}", f"trainer.precision={args.precision}",
+                 f"trainer.max_steps={args.warmup + args.steps + COUNTED}", f"trainer.precision={args.precision}",
                  f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
                  f"model.compile={args.compile}", f"paths.output_dir={out_dir}", "eval.iwae_samples=0",
                  *([f"data.root={args.data_root}"] if args.data_root and args.data != "digits" else []),
@@ -175,13 +202,19 @@ def floor_module(model, g):
 def alternate(args, plain, totals: dict, path: str):
     """A callback that times the Trainer's steps in blocks and runs as many plain-loop steps after each.
     Validation and what follows it (checkpoint, pictures) until the next step are left out of the
-    blocks and timed apart, as `epoch_end_s`: the steps of both paths are what is compared."""
+    blocks and timed apart, as `epoch_end_s`: the steps of both paths are what is compared. After the
+    timed steps, the Python calls of each of COUNTED whole steps are counted (steps with a validation
+    left out)."""
     import lightning.pytorch as pl
+
+    counter = CallCounter()
 
     class Alternate(pl.Callback):
         clock = paused = None
+        validated = False
 
         def on_validation_start(self, trainer, pl_module):
+            self.validated = True
             if self.clock is not None and not trainer.sanity_checking:
                 self.paused = time.perf_counter(), time.process_time()
 
@@ -194,6 +227,15 @@ def alternate(args, plain, totals: dict, path: str):
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             step = trainer.global_step  # optimizer steps done so far
+            timed = args.warmup + args.steps
+            if step > timed:
+                calls = counter.stop()
+                if not self.validated:
+                    totals.setdefault(f"calls_{path}", []).append(calls)
+                self.validated = False
+                if step < timed + COUNTED:
+                    counter.start()
+                return
             if self.clock is None:
                 totals.setdefault("first_step", (time.perf_counter(), process_age()))
                 if step < args.warmup:
@@ -209,8 +251,12 @@ def alternate(args, plain, totals: dict, path: str):
                 for key, value in ((path, (wall, cpu)), (f"plain_{path}", (pw, pc))):
                     totals[key] = [a + b for a, b in zip(totals.get(key, (0.0, 0.0)), value)]
                 totals[f"steps_{path}"] = totals.get(f"steps_{path}", 0) + n
+                totals.setdefault(f"blocks_{path}", []).append((wall, pw, n))
             sync(args.device)
             self.clock = step, time.perf_counter(), time.process_time()
+            if step == timed:
+                self.validated = False
+                counter.start()
 
     return Alternate()
 
@@ -229,6 +275,10 @@ def run_family(args, family: str) -> dict:
         plain_t0 = time.perf_counter()
         plain = PlainLoop(args, cfg)
         plain_startup = time.perf_counter() - plain_t0 + plain.run(1)[0]
+        counter = CallCounter()
+        counter.start()
+        plain.run(COUNTED)
+        plain_calls = counter.stop() / COUNTED
         t1 = time.perf_counter()
         quiet_lightning()
         pl.seed_everything(cfg.seed, verbose=False)
@@ -238,7 +288,7 @@ def run_family(args, family: str) -> dict:
         _, net = build(cfg)
         g = torch.Generator(device=args.device).manual_seed(1)
         floor = pl.Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1,
-                           precision=args.precision, max_steps=args.warmup + args.steps, logger=False,
+                           precision=args.precision, max_steps=args.warmup + args.steps + COUNTED, logger=False,
                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                            num_sanity_val_steps=0, limit_val_batches=0, callbacks=[alternate(args, plain, totals, "floor")])
         floor.fit(floor_module(net, g), train_dataloaders=datamodule.train_dataloader())
@@ -249,7 +299,15 @@ def run_family(args, family: str) -> dict:
         row[path] = {"samples_per_s": n / wall, "cpu_samples_per_s": n / cpu, "plain_samples_per_s": n / pwall,
                      "ratio": pwall / wall, "ratio_cpu": pcpu / cpu,
                      "overhead_us": 1e6 * (wall - pwall) / totals[f"steps_{path}"]}
-    row["plain"] = {"samples_per_s": row["autoenc"]["plain_samples_per_s"], "startup_s": plain_startup}
+        # the median over blocks: a preemption that lands in one block moves the mean, not the median
+        blocks = totals[f"blocks_{path}"]
+        row[path]["ratio_median"] = statistics.median(pw / w for w, pw, _ in blocks)
+        row[path]["overhead_us_median"] = statistics.median(1e6 * (w - pw) / k for w, pw, k in blocks)
+        row[path]["blocks"] = len(blocks)
+        calls = totals.get(f"calls_{path}")  # absent if every counted step held a validation
+        row[path]["calls_per_step"] = statistics.median(calls) if calls else None
+    row["plain"] = {"samples_per_s": row["autoenc"]["plain_samples_per_s"], "startup_s": plain_startup,
+                    "calls_per_step": plain_calls}
     row["autoenc"]["startup_s"] = autoenc_startup  # compose, build and fit up to the end of the first step
     if totals.get("epoch_end_autoenc"):  # validation, checkpoint and pictures: once an epoch, not per step
         row["autoenc"]["epoch_end_s"] = sum(totals["epoch_end_autoenc"]) / len(totals["epoch_end_autoenc"])
@@ -307,8 +365,10 @@ def main(argv=None) -> dict:
 def format_row(family: str, row: dict) -> str:
     a, f = row["autoenc"], row["floor"]
     return (f"{family:<40} plain {row['plain']['samples_per_s']:8.0f}/s  autoenc {a['samples_per_s']:8.0f}/s "
-            f"ratio {a['ratio']:.3f} overhead {a['overhead_us']:6.0f} µs  |  Lightning floor ratio {f['ratio']:.3f} "
-            f"overhead {f['overhead_us']:6.0f} µs  |  peak_rss_mb {row['peak_rss_mb']:5.0f}")
+            f"ratio {a['ratio']:.3f} overhead {a['overhead_us']:6.0f} µs (median of blocks {a['overhead_us_median']:5.0f})  "
+            f"|  Lightning floor ratio {f['ratio']:.3f} overhead {f['overhead_us']:6.0f} µs (median "
+            f"{f['overhead_us_median']:5.0f})  |  Python calls per step: plain {row['plain']['calls_per_step']:.0f}, "
+            f"floor {f['calls_per_step'] or 0:.0f}, autoenc {a['calls_per_step'] or 0:.0f}  |  peak_rss_mb {row['peak_rss_mb']:5.0f}")
 
 
 if __name__ == "__main__":

@@ -34,3 +34,56 @@ def test_benchmark_measures_every_family_and_finds_a_known_per_step_cost(tmp_pat
         assert row["autoenc"]["startup_s"] > 0 and row["plain"]["startup_s"] > 0
         assert f"{family} " in proc.stdout  # one printed line per family
     assert 0 < result["process_to_first_step_s"] < 600
+
+
+def test_progress_bar_redraws_by_time_and_at_the_end_of_each_pass(monkeypatch):
+    """A redraw every refresh_interval seconds however short the steps, and always at a pass's last step."""
+    import autoenc.train
+    from autoenc.train import ProgressBar
+
+    bar = ProgressBar(refresh_interval=10.0)
+    clock = iter([100.0, 105.0, 111.0, 112.0])
+    monkeypatch.setattr(autoenc.train.time, "monotonic", lambda: next(clock))
+    assert [bar._should_update(n, 50) for n in (1, 2, 3, 50)] == [True, False, True, True]
+
+
+def test_the_nvml_probe_variable_is_dropped_only_where_nvml_cannot_load(monkeypatch):
+    """Lightning's PYTORCH_NVML_BASED_CUDA_CHECK=1 costs a failed library load per Adam step without an NVIDIA
+    driver: dropped there, with torch.cuda.is_available() unchanged; kept where the library loads."""
+    import ctypes
+
+    import torch
+
+    from autoenc.train import skip_failing_gpu_probe
+
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: object())  # a machine whose driver has NVML
+    skip_failing_gpu_probe()
+    assert os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == "1"
+    monkeypatch.undo()
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")
+        return  # NVML loads on this machine: nothing more to check
+    except OSError:
+        pass
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    before = torch.cuda.is_available()
+    skip_failing_gpu_probe()
+    assert "PYTORCH_NVML_BASED_CUDA_CHECK" not in os.environ
+    assert torch.cuda.is_available() == before
+
+
+def test_a_step_checkpoint_that_never_saves_is_not_made_and_one_that_saves_is(tmp_path):
+    """Lightning dispatches every hook of every callback each step; the step checkpoint at its default
+    (every_n_train_steps=0) would only cost, so the Trainer gets it only when it is set."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from conftest import compose
+    from autoenc.train import make_trainer
+
+    def checkpoints(*overrides):
+        trainer = make_trainer(compose(*overrides, run_dir=tmp_path, fast=False))
+        return sorted((cb.monitor or "", cb._every_n_train_steps) for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint))
+
+    assert checkpoints() == [("val/loss", 0)]
+    assert checkpoints("callbacks.step_checkpoint.every_n_train_steps=7") == [("", 7), ("val/loss", 0)]
