@@ -32,6 +32,9 @@ def test_benchmark_measures_every_family_and_finds_a_known_per_step_cost(tmp_pat
         assert row["autoenc"]["overhead_us"] >= 40_000 > row["floor"]["overhead_us"] + 10_000, family
         assert row["autoenc"]["ratio"] < row["floor"]["ratio"], family
         assert row["autoenc"]["startup_s"] > 0 and row["plain"]["startup_s"] > 0
+        # counted calls: Lightning's loop adds to the plain loop's, autoenc's callbacks to Lightning's
+        assert 0 < row["plain"]["calls_per_step"] < row["floor"]["calls_per_step"] < row["autoenc"]["calls_per_step"], family
+        assert row["autoenc"]["overhead_us_median"] > 40_000 > row["floor"]["overhead_us_median"], family
         assert f"{family} " in proc.stdout  # one printed line per family
     assert 0 < result["process_to_first_step_s"] < 600
 
