@@ -41,9 +41,15 @@ def test_benchmark_measures_every_family_and_finds_a_known_per_step_cost(tmp_pat
 
 def test_progress_bar_redraws_by_time_and_at_the_end_of_each_pass(monkeypatch):
     """A redraw every refresh_interval seconds however short the steps, and always at a pass's last step."""
+    import inspect
+
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
     import autoenc.train
     from autoenc.train import ProgressBar
 
+    # the override is live only while Lightning's bar asks _should_update before each redraw
+    assert "self._should_update(" in inspect.getsource(TQDMProgressBar.on_train_batch_end)
     bar = ProgressBar(refresh_interval=10.0)
     clock = iter([100.0, 105.0, 111.0, 112.0])
     monkeypatch.setattr(autoenc.train.time, "monotonic", lambda: next(clock))
