@@ -214,7 +214,8 @@ def check_range(datamodule, likelihood) -> None:
 def never_saves(node) -> bool:
     """A checkpoint callback config whose every_n_train_steps and every_n_epochs are both 0 (and no
     train_time_interval): Lightning would call its hooks every step for nothing (about 4 µs a hook)."""
-    return all(k in node and not node[k] for k in ("every_n_train_steps", "every_n_epochs")) and not node.get("train_time_interval")
+    off = all(k in node and not node[k] for k in ("every_n_train_steps", "every_n_epochs"))
+    return off and not node.get("train_time_interval")
 
 
 def make_trainer(cfg: DictConfig, *extra_callbacks):
