@@ -191,6 +191,11 @@ class TensorDataModule(pl.LightningDataModule):
             self._splits = {k: (x if isinstance(x, Rows) else x.to(device), y.to(device))
                             for k, (x, y) in self.splits.items()}
 
+    def teardown(self, stage: str) -> None:
+        """Back to the CPU after fit or test, as Lightning moves the model: the device's memory is freed."""
+        if self._splits is not None:
+            self._splits = {k: (x if isinstance(x, Rows) else x.cpu(), y.cpu()) for k, (x, y) in self._splits.items()}
+
     def _batches(self, split: str, shuffle: bool) -> TensorBatches:
         x, y = self.splits[split]
         trainer = self.trainer
@@ -233,8 +238,8 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 
 def _binarize(x: torch.Tensor, seed: int) -> torch.Tensor:
     """One seeded Bernoulli sample of each image (stored as 0/1 floats)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.bernoulli(to_unit(x[:]), generator=g)
+    p = to_unit(x[:])  # drawn on the CPU: the same images whatever device the split is on
+    return torch.bernoulli(p.cpu(), generator=torch.Generator().manual_seed(seed)).to(p.device)
 
 
 def __getattr__(name: str):

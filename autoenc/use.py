@@ -18,6 +18,11 @@ from autoenc.viz import picture, save_png, square
 ARRAY_SUFFIXES = (".npy", ".npz", ".pt")
 
 
+def device() -> str:
+    """Where the commands that use a trained model run it: the GPU if there is one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @dataclass
 class Run:
     """A trained model rebuilt from its run: directory, config, data module and model (eval mode)."""
@@ -68,8 +73,7 @@ def load_run(cfg: DictConfig) -> Run:
     restore(model, ckpt, path)  # the checkpoint already read above, not read again
     if type(datamodule).__qualname__ in ckpt:
         datamodule.load_state_dict(ckpt[type(datamodule).__qualname__])
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return Run(run_dir, run_cfg, datamodule, model.eval().to(device))
+    return Run(run_dir, run_cfg, datamodule, model.eval().to(device()))
 
 
 def batched(fn, x, run: Run | None = None, size: int = 1024) -> torch.Tensor:
@@ -146,7 +150,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     trainer.test(run.model, datamodule=run.datamodule, verbose=False)
     figures = {k.removeprefix("test/"): float(v) for k, v in trainer.callback_metrics.items()
                if k.startswith("test/") and v.numel() == 1}
-    model, dm = run.model, run.datamodule
+    model, dm = run.model.to(device()), run.datamodule  # Lightning's teardown moved the model to the CPU
     x_tr, y_tr = dm.evaluation_split("train")
     x_te, y_te = dm.evaluation_split("test")
     x_te_in = batched(lambda b: b, x_te, run)
@@ -263,11 +267,12 @@ def interpolate(cfg: DictConfig) -> Path:
     if pairs < 1:
         raise UserError("interpolate needs at least two images")
     x = model_input(run, data.x[:2 * pairs])
-    a, b = x[:pairs], x[pairs:]
     with torch.no_grad():
-        za, zb = model.encode(a).code, model.encode(b).code
+        z = model.encode(x).code
+        za, zb = z[:pairs], z[pairs:]
         t = torch.linspace(0, 1, cfg.steps, device=x.device).view(1, -1, 1)
-        paths = decoded(model, (1 - t) * za[:, None] + t * zb[:, None])  # (pairs, steps, C, H, W)
+        paths = decoded(model, (1 - t) * za[:, None] + t * zb[:, None])  # (pairs, steps, C, H, W), on the CPU
+    a, b = x[:pairs].cpu(), x[pairs:].cpu()
     path = save_png(picture([torch.cat([a[i:i + 1], paths[i], b[i:i + 1]]) for i in range(pairs)]),
                     out_path(cfg, run, f"interpolate_{data.source}.png"))
     if model.bottleneck.stochastic:

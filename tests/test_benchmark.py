@@ -22,7 +22,7 @@ def test_benchmark_measures_every_family_and_finds_a_known_per_step_cost(tmp_pat
                            "--steps", "6", "--warmup", "2", "--block", "3", "--out", str(out), "--override",
                            "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", *delay],
                           cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(ROOT / "tests")})
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert set(result["families"]) == set(FAMILIES)
