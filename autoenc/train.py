@@ -18,8 +18,10 @@ from autoenc.errors import UserError
 log = logging.getLogger("autoenc")
 
 
-def quiet_lightning() -> None:
-    """Silences start-up chatter that says nothing a user can act on."""
+def configure_lightning() -> None:
+    """Process-wide Lightning settings for every command: no start-up chatter that says nothing a user can
+    act on, and no GPU probe that fails at every optimizer step."""
+    skip_failing_gpu_probe()
     for pattern in (".*does not have many workers.*", ".*LeafSpec.*", ".*is deprecated.*",
                     ".*Checkpoint directory .* exists and is not empty.*",
                     ".*The number of training batches .* is smaller than the logging interval.*",
@@ -224,7 +226,6 @@ def make_trainer(cfg: DictConfig, *extra_callbacks):
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ProgressBar as AnyProgressBar
 
-    skip_failing_gpu_probe()
     callbacks = [cb for cb in (instantiate(c) for c in cfg.callbacks.values() if c and not never_saves(c))
                  if cfg.trainer.enable_progress_bar or not isinstance(cb, AnyProgressBar)]
     loggers = [instantiate(c) for c in cfg.logger.values() if c] if cfg.logger else False
@@ -235,7 +236,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Trains, tests the best checkpoint, writes results.json: its best val score and test metrics."""
     import lightning.pytorch as pl
 
-    quiet_lightning()
+    configure_lightning()
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from autoenc import metrics
 from autoenc.data import subset
 from autoenc.errors import UserError
-from autoenc.train import build, load_checkpoint, quiet_lightning, restore, write_json
+from autoenc.train import build, configure_lightning, load_checkpoint, restore, write_json
 from autoenc.viz import picture, save_png, square
 
 ARRAY_SUFFIXES = (".npy", ".npz", ".pt")
@@ -68,7 +68,7 @@ def load_run(cfg: DictConfig) -> Run:
                         "the run directory that `autoenc train` wrote")
     run_cfg.paths.output_dir = str(run_dir)
     run_cfg.model.iwae_samples = cfg.eval.iwae_samples
-    quiet_lightning()
+    configure_lightning()
     datamodule, model = build(run_cfg)
     restore(model, ckpt, path)  # the checkpoint already read above, not read again
     if type(datamodule).__qualname__ in ckpt:

@@ -266,7 +266,7 @@ def run_family(args, family: str) -> dict:
     import lightning.pytorch as pl
     import torch
 
-    from autoenc.train import build, make_trainer, quiet_lightning
+    from autoenc.train import build, configure_lightning, make_trainer
 
     totals: dict = {}
     t0 = time.perf_counter()
@@ -280,7 +280,7 @@ def run_family(args, family: str) -> dict:
         plain.run(COUNTED)
         plain_calls = counter.stop() / COUNTED
         t1 = time.perf_counter()
-        quiet_lightning()
+        configure_lightning()
         pl.seed_everything(cfg.seed, verbose=False)
         datamodule, model = build(cfg)
         make_trainer(cfg, alternate(args, plain, totals, "autoenc")).fit(model, datamodule=datamodule)

@@ -63,7 +63,7 @@ def test_the_nvml_probe_variable_is_dropped_only_where_nvml_cannot_load(monkeypa
 
     import torch
 
-    from autoenc.train import skip_failing_gpu_probe
+    from autoenc.train import configure_lightning, skip_failing_gpu_probe
 
     monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     monkeypatch.setattr(ctypes, "CDLL", lambda name: object())  # a machine whose driver has NVML
@@ -77,7 +77,7 @@ def test_the_nvml_probe_variable_is_dropped_only_where_nvml_cannot_load(monkeypa
         pass
     monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     before = torch.cuda.is_available()
-    skip_failing_gpu_probe()
+    configure_lightning()  # what train and every command that loads a model run first
     assert "PYTORCH_NVML_BASED_CUDA_CHECK" not in os.environ
     assert torch.cuda.is_available() == before
 
