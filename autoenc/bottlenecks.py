@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
+
+from autoenc.errors import UserError, is_integer, is_number, require
 
 
 @dataclass
@@ -20,15 +23,35 @@ class Latent:
     logvar: torch.Tensor | None = None
 
 
-class Linear(nn.Module):
-    """z = h: an unconstrained code (the undercomplete autoencoder's)."""
+@dataclass
+class Step:
+    """What a bottleneck's loss terms may use of one pass: the clean x, the decoder's logits and their
+    reconstruction loss (batch mean), the decoder and the likelihood's per-example NLL, and the epochs of
+    training done (None outside training)."""
 
-    stochastic = False  # True: a sampled code with a prior (sampling, the KL term, IWAE)
+    x: torch.Tensor
+    logits: torch.Tensor
+    recon: torch.Tensor
+    decode: Callable[[torch.Tensor], torch.Tensor]
+    nll: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    progress: float | None = None
+
+
+class Bottleneck(nn.Module):
+    """Turns the encoder's head h into the code: how wide the head is, the activation, the loss terms and
+    figures it brings, and the sampling protocol (prior samples and importance samples: only where
+    `stochastic`, a sampled code with a prior; elsewhere they refuse in one line)."""
+
+    stochastic = False
     bounds = (-math.inf, math.inf)  # the values a code can take; penalties check what they need
 
     def __init__(self, threshold: float | None = None):
         super().__init__()
         self.threshold = threshold  # a unit is active on an example when its code exceeds this
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__.lower()
 
     def head_dim(self, latent_dim: int) -> int:
         """How wide the encoder's head must be for a code of latent_dim units."""
@@ -36,10 +59,6 @@ class Linear(nn.Module):
 
     def setup(self, latent_dim: int) -> None:
         """Called once the latent size is known (state that depends on it)."""
-
-    def auxiliary(self, latent: Latent, training: bool) -> tuple[torch.Tensor, float] | None:
-        """A second code that must explain what the code leaves unexplained, and its loss weight (AuxK)."""
-        return None
 
     def activation(self, h: torch.Tensor) -> torch.Tensor:
         return h
@@ -60,8 +79,9 @@ class Linear(nn.Module):
         """Which units fire on each example, or None where the code has no such notion."""
         return None if self.threshold is None else code > self.threshold
 
-    def terms(self, latent: Latent, recon: torch.Tensor, progress: float | None) -> tuple[torch.Tensor | None, dict]:
-        """The term this bottleneck adds to the loss (None: none), and its figures (per-example means)."""
+    def terms(self, latent: Latent, step: Step) -> tuple[torch.Tensor | None, dict]:
+        """The (weighted) term this bottleneck adds to the loss (None: none), and its named parts and
+        figures (per-example means)."""
         active = self.active(latent.code)
         return None, {} if active is None else {"l0": active.sum(1).float().mean()}
 
@@ -72,8 +92,22 @@ class Linear(nn.Module):
         freq = stats["active"] / stats["n"]
         return {"dead_fraction": (freq == 0).float().mean(), "activation_frequency": freq}
 
+    def prior_sample(self, n: int, generator=None, device=None) -> torch.Tensor:
+        """n codes from the prior p(z)."""
+        raise UserError(f"bottleneck={self.name} has no prior to sample from; `sample` needs a model trained "
+                        "with bottleneck=gaussian (model=vae); try reconstruct or interpolate")
 
-class ReLU(Linear):
+    def importance_samples(self, h: torch.Tensor, n: int, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """n draws z ~ q(z|x) per example, shape (n, B, d), and log p(z) − log q(z|x), shape (n, B)."""
+        raise UserError(f"bottleneck={self.name} has no posterior and prior, so no likelihood bound; "
+                        "log_likelihood and the IWAE figures need bottleneck=gaussian (model=vae)")
+
+
+class Linear(Bottleneck):
+    """z = h: an unconstrained code (the undercomplete autoencoder's)."""
+
+
+class ReLU(Bottleneck):
     """z = max(h, 0): codes that can be exactly zero (with penalty=l1, a sparse autoencoder)."""
 
     bounds = (0.0, math.inf)
@@ -88,7 +122,7 @@ class ReLU(Linear):
         return (code > 0).to(code.dtype)
 
 
-class Sigmoid(Linear):
+class Sigmoid(Bottleneck):
     """z = sigmoid(h): rates in [0, 1] (KL sparsity; Rifai et al.'s contractive encoder)."""
 
     bounds = (0.0, 1.0)
@@ -112,15 +146,28 @@ class TopK(ReLU):
     def __init__(self, k: int = 8, threshold: float | None = 0.0, aux_k: int | None = None,
                  aux_coef: float = 0.0, dead_window: int = 20):
         super().__init__(threshold)
+        require(is_integer(k) and k >= 1, "bottleneck.k", k, "an integer from 1 to model.latent_dim")
         self.k, self.aux_k, self.aux_coef, self.dead_window = k, aux_k, aux_coef, dead_window
 
     def setup(self, latent_dim):
+        require(self.k <= latent_dim, "bottleneck.k", self.k, "an integer from 1 to model.latent_dim")
         # steps since each unit last fired in training (a buffer: checkpoints keep it, resume is exact)
         self.register_buffer("since_fired", torch.zeros(latent_dim, dtype=torch.long))
 
-    def auxiliary(self, latent, training):
-        if not training or not self.aux_coef:
-            return None
+    def terms(self, latent, step):
+        extra, figures = super().terms(latent, step)
+        z_aux = self.auxiliary(latent) if step.progress is not None and self.aux_coef else None
+        if z_aux is None:
+            return extra, figures
+        # AuxK: the auxiliary code's decoding, added to the code's, must explain the rest of x; only the
+        # auxiliary code and the decoder's part for it get gradient (Gao et al. 2024, eq. 2)
+        aux_logits = step.logits.detach() + step.decode(z_aux) - step.decode(torch.zeros_like(z_aux))
+        auxk = step.nll(aux_logits, step.x).mean()
+        return self.aux_coef * auxk, {**figures, "auxk": auxk}
+
+    def auxiliary(self, latent: Latent) -> torch.Tensor | None:
+        """Counts each unit's training steps since it last fired; the aux_k largest pre-activations of the
+        dead ones as a code (None while no unit is dead)."""
         with torch.no_grad():
             fired = (latent.code > 0).any(0)
             _any_over_ranks(fired)
@@ -131,7 +178,7 @@ class TopK(ReLU):
         k = min(self.aux_k or len(dead) // 2, int(dead.sum()))
         top = latent.h.masked_fill(~dead, float("-inf")).topk(k, dim=1)
         # no ReLU here: a unit pushed far below zero still gets the gradient that brings it back
-        return torch.zeros_like(latent.h).scatter(1, top.indices, top.values), self.aux_coef
+        return torch.zeros_like(latent.h).scatter(1, top.indices, top.values)
 
     def active_size(self, latent_dim):
         return self.k
@@ -141,7 +188,7 @@ class TopK(ReLU):
         return torch.zeros_like(h).scatter(1, top.indices, torch.relu(top.values))
 
 
-class Gaussian(Linear):
+class Gaussian(Bottleneck):
     """q(z|x) = N(μ, diag σ²) from a head of twice the latent width; z = μ + σ·ε in every loss
     (reparameterization, Kingma & Welling 2014), μ as the deterministic code; adds β·KL(q ‖ N(0, I))."""
 
@@ -149,10 +196,16 @@ class Gaussian(Linear):
 
     def __init__(self, beta: float = 1.0, warmup_epochs: float = 0.0):
         super().__init__(None)
+        require(is_number(beta) and beta >= 0, "bottleneck.beta", beta, "a number ≥ 0")
+        require(is_number(warmup_epochs) and warmup_epochs >= 0, "bottleneck.warmup_epochs", warmup_epochs, "a number ≥ 0")
         self.beta, self.warmup_epochs = beta, warmup_epochs
+        self.latent_dim = 0
 
     def head_dim(self, latent_dim):
         return 2 * latent_dim
+
+    def setup(self, latent_dim):
+        self.latent_dim = latent_dim
 
     def forward(self, h, generator=None):
         mean, logvar = h.chunk(2, dim=1)
@@ -165,11 +218,11 @@ class Gaussian(Linear):
             return self.beta
         return self.beta * min(1.0, progress / self.warmup_epochs)
 
-    def terms(self, latent, recon, progress):
+    def terms(self, latent, step):
         kl = gaussian_kl(latent.mean, latent.logvar).mean()
-        beta = self.beta_at(progress)
-        stats = {"kl": kl, "nelbo": recon + kl}
-        if progress is not None:
+        beta = self.beta_at(step.progress)
+        stats = {"kl": kl, "nelbo": step.recon + kl}
+        if step.progress is not None:
             stats["beta"] = kl.new_tensor(beta)
         return beta * kl, stats
 
@@ -179,12 +232,10 @@ class Gaussian(Linear):
         var = stats["sq"] / stats["n"] - (stats["sum"] / stats["n"]) ** 2
         return {"active_units": (var > 0.01).sum().float()}
 
-    def prior_sample(self, n: int, latent_dim: int, generator=None, device=None) -> torch.Tensor:
-        """n codes from the prior N(0, I)."""
-        return torch.randn(n, latent_dim, generator=generator, device=device)
+    def prior_sample(self, n, generator=None, device=None):
+        return torch.randn(n, self.latent_dim, generator=generator, device=device)
 
-    def importance_samples(self, h: torch.Tensor, n: int, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """n draws z ~ q(z|x) per example, shape (n, B, d), and log p(z) − log q(z|x), shape (n, B)."""
+    def importance_samples(self, h, n, generator=None):
         mean, logvar = h.chunk(2, dim=1)
         eps = torch.randn(n, *mean.shape, generator=generator, device=h.device, dtype=h.dtype)
         z = mean + torch.exp(0.5 * logvar) * eps

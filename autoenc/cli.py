@@ -18,7 +18,7 @@ CONFIGS = next(p for p in (_PKG / "configs", _PKG.parent / "configs") if p.is_di
 
 # command: (config name, "module:function" run with the composed config, one-line description)
 COMMANDS = {
-    "train": ("train", "autoenc.train:train", "train a model (default: undercomplete AE on the embedded 8×8 digits)"),
+    "train": ("train", "autoenc.training:train", "train a model (default: undercomplete AE on the embedded 8×8 digits)"),
     "evaluate": ("use", "autoenc.use:evaluate", "test figures vs the PCA baseline and linear probes → evaluation.json"),
     "sample": ("use", "autoenc.use:sample", "a grid of images sampled from the prior (gaussian bottleneck)"),
     "reconstruct": ("use", "autoenc.use:reconstruct", "input | reconstruction rows from a split or input=DIR"),
@@ -26,6 +26,7 @@ COMMANDS = {
     "encode": ("use", "autoenc.use:encode", "latent codes of a split or input= (in order, with paths or indices) → .npz"),
     "decode": ("use", "autoenc.use:decode", "examples decoded from codes=<encode's .npz> → .npz (+ a grid for images)"),
     "interpolate": ("use", "autoenc.use:interpolate", "decoded latent paths between image pairs (+ traversal with a prior)"),
+    "attribute": ("use", "autoenc.use:attribute", "latent arithmetic: add the from= → to= attribute vector at strengths → grid + .json"),
     "score": ("use", "autoenc.use:score", "per-example anomaly scores (+ ROC-AUC with normal=[labels]) → .csv/.npz/.png"),
     "compare": ("compare", "autoenc.compare:compare", "one table (+ CSV, bar chart) of runs' overrides and figures"),
 }

@@ -1,5 +1,20 @@
-"""The one exception type for mistakes a user can fix; the CLI prints it as one line."""
+"""The one exception type for mistakes a user can fix (the CLI prints it as one line), and the check
+that objects run on their own settings when they are built."""
 
 
 class UserError(Exception):
     """A bad input, missing file or unusable checkpoint, with the fix in its message."""
+
+
+def require(ok: bool, key: str, value, what: str) -> None:
+    """Refuses a setting `key=value` that is not `what` (a valid value, in words), naming the key."""
+    if not ok:
+        raise UserError(f"{key}={value!r} is invalid: it must be {what}; fix it on the command line")
+
+
+def is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def is_integer(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)

@@ -5,7 +5,46 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from autoenc.module import psnr  # noqa: F401  (mean per-image PSNR on [0, 1], shared with the module's logs)
+
+
+def psnr(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Mean per-image PSNR, 10·log10(1/MSE) dB on [0, 1] pixels (capped at 100 dB)."""
+    # Per image, not per set: logged with batch_size weights, the epoch value is the split's mean
+    # per-image PSNR whatever the batching (the figure denoising papers report).
+    mse = (x_hat - x).flatten(1).pow(2).mean(1)
+    return (-10 * torch.log10(mse.clamp_min(1e-10))).mean()
+
+
+class SplitStatistics:
+    """Sums over a whole split of what its figures need: the code's first and second moments and each
+    unit's active count (dead and active units), and the reconstruction's squared error against the
+    data's own spread (the fraction of variance unexplained)."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def reset(self) -> None:
+        self.sums = {}
+
+    def update(self, code: torch.Tensor, active: torch.Tensor | None, x: torch.Tensor, x_hat: torch.Tensor) -> None:
+        code, x, x_hat = code.detach().float(), x.flatten(1).float(), x_hat.detach().flatten(1).float()
+        parts = {"n": torch.tensor(float(len(code)), device=code.device), "sum": code.sum(0),
+                 "sq": code.pow(2).sum(0), "sse": (x - x_hat).pow(2).sum(), "x_sum": x.sum(0), "x_sq": x.pow(2).sum()}
+        if active is not None:
+            parts["active"] = active.float().sum(0)
+        for k, v in parts.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+
+    def figures(self, bottleneck, reduce=lambda v: v) -> dict[str, torch.Tensor]:
+        """The bottleneck's split figures and the FVU, the sums first combined by `reduce` (DDP: a sum over ranks)."""
+        if not self.sums:
+            return {}
+        stats = {k: reduce(v) for k, v in self.sums.items()}
+        figures = bottleneck.split_figures(stats)
+        # fraction of variance unexplained: Σ‖x − x̂‖² / Σ‖x − x̄‖², x̄ the split's mean example
+        spread = stats["x_sq"] - stats["x_sum"].pow(2).sum() / stats["n"]
+        figures["fvu"] = stats["sse"] / spread.clamp_min(1e-12)
+        return figures
 
 
 def flat(x: torch.Tensor) -> np.ndarray:
@@ -28,16 +67,15 @@ def pca_mse(train: torch.Tensor, test: torch.Tensor, components: int) -> tuple[f
     return float(((pca.inverse_transform(pca.transform(b)) - b) ** 2).mean()), k
 
 
-def probe_accuracy(train: torch.Tensor, train_y: torch.Tensor, test: torch.Tensor, test_y: torch.Tensor,
-                   max_train: int | None = None, seed: int = 0) -> float:
-    """Test accuracy of a logistic regression fitted on (standardized) training features."""
+def fit_probe(train: torch.Tensor, train_y: torch.Tensor):
+    """A logistic regression on standardized features, fitted (scikit-learn's pipeline: predict, score)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    a, ya = flat(train), train_y.cpu().numpy()
-    if max_train and len(a) > max_train:  # a seeded subset keeps the fit to seconds on large sets
-        keep = np.random.default_rng(seed).choice(len(a), max_train, replace=False)
-        a, ya = a[keep], ya[keep]
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
-    return float(probe.fit(a, ya).score(flat(test), test_y.cpu().numpy()))
+    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(flat(train), train_y.cpu().numpy())
+
+
+def probe_accuracy(train: torch.Tensor, train_y: torch.Tensor, test: torch.Tensor, test_y: torch.Tensor) -> float:
+    """Test accuracy of a logistic regression fitted on (standardized) training features."""
+    return float(fit_probe(train, train_y).score(flat(test), test_y.cpu().numpy()))

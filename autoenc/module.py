@@ -1,4 +1,4 @@
-"""AutoencoderModule: x ─noise→ x̃ ─encoder→ h ─bottleneck→ z ─decoder→ logits ─likelihood→ x̂."""
+"""AutoencoderModule: the Lightning shell (steps, logging, optimizers, schedules) around autoenc.core."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
-from autoenc.bottlenecks import Latent, Linear
-from autoenc.errors import UserError
-from autoenc.likelihoods import Bernoulli
+from autoenc.core import Autoencoder
+from autoenc.errors import is_integer, is_number, require
+from autoenc.metrics import SplitStatistics, psnr
 from autoenc.penalties import Penalty
 from autoenc.seeds import Stream, derive
 
@@ -34,55 +34,39 @@ def epoch_means(steps: list) -> dict[str, torch.Tensor]:
     return {k: sums[k] / counts[k] for k in sums}
 
 
-def psnr(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Mean per-image PSNR, 10·log10(1/MSE) dB on [0, 1] pixels (capped at 100 dB)."""
-    # Per image, not per set: logged with batch_size weights, the epoch value is the split's mean
-    # per-image PSNR whatever the batching (the figure denoising papers report).
-    mse = (x_hat - x).flatten(1).pow(2).mean(1)
-    return (-10 * torch.log10(mse.clamp_min(1e-10))).mean()
-
-
 class AutoencoderModule(pl.LightningModule):
-    """The one pipeline for every family; noise, bottleneck, penalty and likelihood are its seams.
-    loss = −log p(x | z) + the bottleneck's term (β·KL for a Gaussian) + penalty, x the clean input."""
+    """The Lightning shell around an Autoencoder (autoenc.core): the steps and their randomness, logging,
+    whole-split figures, optimizers and schedules; the pipeline and its loss live in the Autoencoder."""
 
     def __init__(self, net, shape, bottleneck=None, likelihood=None, latent_dim: int = 16, noise=None,
                  penalty: Penalty | None = None, optimizer=None, scheduler=None, lr_schedule=None,
                  iwae_samples: int = 0, iwae_chunk: int = 100, seed: int = 0, noise_seed: int = 1234,
                  compile: bool = False):
         super().__init__()
-        self.shape, self.latent_dim = tuple(shape), latent_dim
-        self.bottleneck = bottleneck if bottleneck is not None else Linear()
-        self.bottleneck.setup(latent_dim)
-        self.likelihood = likelihood if likelihood is not None else Bernoulli()
-        self.encoder, self.decoder = net(shape=self.shape, latent_dim=latent_dim,
-                                         head_dim=self.bottleneck.head_dim(latent_dim))
-        self.noise, self.penalty = noise, penalty or Penalty()
+        require(is_integer(iwae_samples) and iwae_samples >= 0, "model.iwae_samples", iwae_samples, "an integer ≥ 0")
+        require(is_integer(iwae_chunk) and iwae_chunk >= 1, "model.iwae_chunk", iwae_chunk, "a positive integer")
+        interval = (lr_schedule or {}).get("interval", "epoch")
+        require(interval in ("step", "epoch"), "model.lr_schedule.interval", interval, "step or epoch")
+        self.autoencoder = Autoencoder(net, shape, latent_dim, bottleneck, likelihood, noise, penalty)
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-3)
+        lr = getattr(self.optimizer_factory, "keywords", {}).get("lr", 1e-3)
+        require(not is_number(lr) or lr > 0, "model.optimizer.lr", lr, "a number > 0")
         self.scheduler_factory, self.lr_schedule = scheduler, dict(lr_schedule or {})
         self.iwae_samples, self.iwae_chunk = iwae_samples, iwae_chunk
         self.noise_seed, self.seed = noise_seed, seed
         self.run_config: dict | None = None  # the resolved run config, stored in checkpoints
         self._streams: dict[tuple, Stream] = {}  # training randomness, reseeded every step
         self._generators: dict[tuple, torch.Generator] = {}  # val/test randomness, restarted every epoch
-        self._stats: dict[str, torch.Tensor] = {}
+        self.statistics = SplitStatistics()
         self.epoch_figures: dict[str, torch.Tensor] = {}
         self._train_steps: list = []  # (term names, their values, batch size) of each step of the epoch
         if compile:  # in place, so parameter names (and checkpoints) stay those of the plain modules
-            self.encoder.compile()
-            self.decoder.compile()
-
-    # ---- the pipeline -------------------------------------------------------------------
-    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Latent:
-        return self.bottleneck(self.encoder(x), generator)
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Logits; the likelihood owns the output activation."""
-        return self.decoder(z)
+            self.autoencoder.encoder.compile()
+            self.autoencoder.decoder.compile()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Reconstruction from the deterministic code (the posterior mean where there is one)."""
-        return self.likelihood.mean(self.decode(self.encode(x).code))
+        return self.autoencoder.reconstruct(x)
 
     def generator(self, stage: str, name: str, device) -> torch.Generator:
         """The generator of one source of randomness (`noise`, `model` sampling) for this stage. Training
@@ -101,45 +85,20 @@ class AutoencoderModule(pl.LightningModule):
                 derive(self.noise_seed, f"{name}/{stage}", 0, rank))
         return g
 
-    def corrupt(self, x: torch.Tensor, stage: str = "train") -> torch.Tensor:
-        return x if self.noise is None else self.noise(x, self.generator(stage, "noise", x.device))
-
-    def loss_terms(self, x: torch.Tensor, x_tilde: torch.Tensor, progress: float | None = None,
-                   generator: torch.Generator | None = None):
-        """Loss and its parts (per-example sums, batch means); the reconstruction target is the clean x.
-        `progress`: epochs of training done (for the bottleneck's warm-up), None outside training;
-        `generator`: the sampling's randomness (None: torch's global generator)."""
-        latent = self.encode(x_tilde, generator)
-        logits = self.decode(latent.z)
-        recon = self.likelihood.nll(logits, x).mean()
-        extra, terms = self.bottleneck.terms(latent, recon, progress)
-        penalty, stats = self.penalty(latent.code, x_tilde, self.encoder, self.bottleneck, generator)
-        loss = recon
-        for term in (extra, penalty):  # the terms that exist: no zeros added on every step
-            loss = loss if term is None else loss + term
-        parts = {"loss": loss, "recon": recon, **({} if penalty is None else {"penalty": penalty})}
-        aux = self.bottleneck.auxiliary(latent, progress is not None)
-        if aux is not None:
-            # AuxK: the auxiliary code's decoding, added to the code's, must explain the rest of x; only
-            # the auxiliary code and the decoder's part for it get gradient (Gao et al. 2024, eq. 2)
-            z_aux, weight = aux
-            aux_logits = logits.detach() + self.decode(z_aux) - self.decode(torch.zeros_like(z_aux))
-            parts["auxk"] = self.likelihood.nll(aux_logits, x).mean()
-            parts["loss"] = loss + weight * parts["auxk"]
-        return {**parts, **terms, **stats}, latent, logits
-
-    def _shared_step(self, batch, stage: str, progress: float | None = None):
+    def _shared_step(self, batch, stage: str, progress: float | None = None) -> dict[str, torch.Tensor]:
         x, _ = batch
-        x_tilde = self.corrupt(x, stage)
-        terms, latent, logits = self.loss_terms(x, x_tilde, progress, self.generator(stage, "model", x.device))
+        ae = self.autoencoder
+        x_tilde = ae.corrupt(x, self.generator(stage, "noise", x.device))
+        out = ae(x, x_tilde, progress, self.generator(stage, "model", x.device))
+        terms = out.terms
         if stage == "train":
             return terms
-        if latent.z is not latent.code:  # evaluation reconstructs from the deterministic code
-            logits = self.decode(latent.code)
-        x_hat = self.likelihood.mean(logits)
-        self._accumulate(latent, x, x_hat)
+        latent = out.latent
+        logits = out.logits if latent.z is latent.code else ae.decode(latent.code)  # the deterministic code
+        x_hat = ae.likelihood.mean(logits)
+        self.statistics.update(latent.code, ae.bottleneck.active(latent.code), x, x_hat)
         terms["mse"] = F.mse_loss(x_hat, x)
-        if self.noise is not None:
+        if ae.noise is not None:
             terms |= {"psnr_noisy": psnr(x_tilde, x), "psnr_denoised": psnr(x_hat, x)}
         for k, v in terms.items():
             self.log(f"{stage}/{k}", v.detach(), batch_size=len(x), sync_dist=True, prog_bar=k == "loss")
@@ -175,55 +134,22 @@ class AutoencoderModule(pl.LightningModule):
 
     def test_step(self, batch, batch_idx):
         self._shared_step(batch, "test")
-        if self.bottleneck.stochastic and self.iwae_samples:
+        if self.autoencoder.bottleneck.stochastic and self.iwae_samples:
             x = batch[0]  # the clean x: with noise= any q(z|x) is still a valid proposal
-            nll = -self.log_likelihood(x, self.iwae_samples, self.generator("test", "iwae", x.device)).mean()
+            g = self.generator("test", "iwae", x.device)
+            nll = -self.autoencoder.log_likelihood(x, self.iwae_samples, g, self.iwae_chunk).mean()
             self.log("test/nll_iwae", nll, batch_size=len(x), sync_dist=True)
 
-    # ---- what a stochastic bottleneck brings: prior samples and the IWAE bound -------------
-    @torch.no_grad()
-    def log_likelihood(self, x: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """IWAE estimate of log p(x) per example with k importance samples (Burda et al. 2015, eq. 8)."""
-        h = self.encoder(x).float()  # float32 even under bf16 autocast
-        chunks = []
-        for start in range(0, k, self.iwae_chunk):
-            n = min(self.iwae_chunk, k - start)
-            z, log_w = self.bottleneck.importance_samples(h, n, generator)  # (n, B, d), log p(z) − log q(z|x)
-            logits = self.decode(z.flatten(0, 1)).float()
-            log_px = -self.likelihood.nll(logits, x.repeat(n, *[1] * (x.dim() - 1))).view(n, -1)
-            chunks.append(log_px + log_w)
-        return torch.logsumexp(torch.cat(chunks), 0) - math.log(k)
-
-    @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """n examples decoded from prior samples z ~ p(z) (a stochastic bottleneck only)."""
-        if not self.bottleneck.stochastic:
-            raise UserError(f"bottleneck={type(self.bottleneck).__name__.lower()} has no prior to sample from; "
-                            "`sample` needs a model trained with bottleneck=gaussian (model=vae); "
-                            "try reconstruct or interpolate")
-        z = self.bottleneck.prior_sample(n, self.latent_dim, generator, self.device)
-        return self.likelihood.mean(self.decode(z))
-
-    # ---- whole-split code statistics (dead units, active units) -----------------------------
-    def _accumulate(self, latent: Latent, x: torch.Tensor, x_hat: torch.Tensor) -> None:
-        code, x, x_hat = latent.code.detach().float(), x.flatten(1).float(), x_hat.detach().flatten(1).float()
-        parts = {"n": torch.tensor(float(len(code)), device=code.device), "sum": code.sum(0),
-                 "sq": code.pow(2).sum(0), "sse": (x - x_hat).pow(2).sum(), "x_sum": x.sum(0), "x_sq": x.pow(2).sum()}
-        active = self.bottleneck.active(code)
-        if active is not None:
-            parts["active"] = active.float().sum(0)
-        for k, v in parts.items():
-            self._stats[k] = self._stats[k] + v if k in self._stats else v
-
     def _end_epoch(self, stage: str) -> None:
-        stats = {k: self.trainer.strategy.reduce(v, reduce_op="sum") for k, v in self._stats.items()}
-        self._stats = {}
-        if not stats or self.trainer.sanity_checking:
+        if self.trainer.sanity_checking:
+            self.statistics.reset()
             return
-        self.epoch_figures = self.bottleneck.split_figures(stats)
-        # fraction of variance unexplained: Σ‖x − x̂‖² / Σ‖x − x̄‖², x̄ the split's mean example
-        self.epoch_figures["fvu"] = stats["sse"] / (stats["x_sq"] - stats["x_sum"].pow(2).sum() / stats["n"]).clamp_min(1e-12)
-        self.log_dict({f"{stage}/{k}": v for k, v in self.epoch_figures.items() if v.dim() == 0})
+        figures = self.statistics.figures(self.autoencoder.bottleneck,
+                                          lambda v: self.trainer.strategy.reduce(v, reduce_op="sum"))
+        self.statistics.reset()
+        if figures:
+            self.epoch_figures = figures
+            self.log_dict({f"{stage}/{k}": v for k, v in figures.items() if v.dim() == 0})
 
     def on_train_epoch_start(self):
         # torch's global generator is left to user code (e.g. dropout in a custom net): seeded per epoch
@@ -231,7 +157,7 @@ class AutoencoderModule(pl.LightningModule):
         self._train_steps = []  # (not called when a run resumes inside an epoch)
 
     def _restart(self, stage: str) -> None:
-        self._stats = {}
+        self.statistics.reset()
         for key in [k for k in self._generators if k[0] == stage]:
             del self._generators[key]
 

@@ -1,5 +1,5 @@
-"""Penalties: regularizers of the deterministic code,
-`(code, x_tilde, encoder, bottleneck, generator) -> (term, stats)`.
+"""Penalties: regularizers of the deterministic code, `(code, jacobian, generator) -> (term, figures)`;
+`jacobian` (given only to a penalty that `needs_jacobian`) returns ‖∂code/∂x̃‖²_F per example.
 
 Every term is a per-example sum (over units, or over units and pixels) averaged over the batch, like
 the reconstruction, so a weight keeps its meaning when the latent size changes.
@@ -10,22 +10,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from autoenc.errors import UserError
+from autoenc.errors import UserError, is_integer, is_number, require
 
 
 class Penalty:
     """No penalty (penalty=none); the base of the others."""
 
     needs = "any code"  # what the penalty needs of the bottleneck, in words (for refusals)
+    needs_jacobian = False  # True: called with `jacobian`, the code's Jacobian norm per example
 
     def __init__(self, weight: float = 0.0):
+        require(is_number(weight) and weight >= 0, "penalty.weight", weight, "a number ≥ 0")
         self.weight = weight
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__.lower()
 
     def accepts(self, bottleneck) -> bool:
         """Whether this penalty makes sense on the codes `bottleneck` produces."""
         return True
 
-    def __call__(self, code, x_tilde, encoder: nn.Module, bottleneck, generator=None) -> tuple[torch.Tensor | None, dict]:
+    def __call__(self, code, jacobian=None, generator=None) -> tuple[torch.Tensor | None, dict]:
         """The weighted term (None: no term) and figures to log; `generator` for any randomness."""
         return None, {}
 
@@ -36,7 +42,7 @@ class L1(Penalty):
     def __init__(self, weight: float = 0.01):
         super().__init__(weight)
 
-    def __call__(self, code, x_tilde, encoder, bottleneck, generator=None):
+    def __call__(self, code, jacobian=None, generator=None):
         return self.weight * code.abs().sum(1).mean(), {}
 
 
@@ -47,12 +53,13 @@ class KL(Penalty):
 
     def __init__(self, weight: float = 1.0, rho: float = 0.05):
         super().__init__(weight)
+        require(is_number(rho) and 0 < rho < 1, "penalty.rho", rho, "a rate in (0, 1)")
         self.rho = rho
 
     def accepts(self, bottleneck):
         return not bottleneck.stochastic and bottleneck.bounds[0] >= 0 and bottleneck.bounds[1] <= 1
 
-    def __call__(self, code, x_tilde, encoder, bottleneck, generator=None):
+    def __call__(self, code, jacobian=None, generator=None):
         return self.weight * kl_sparsity(global_batch_mean(code), self.rho), {}
 
 
@@ -78,32 +85,41 @@ class Contractive(Penalty):
     """λ · ‖∂z/∂x̃‖²_F per example, averaged (Rifai et al. 2011), computed by `method`."""
 
     needs = "a deterministic code"
+    needs_jacobian = True
 
     def __init__(self, weight: float = 0.1, method: str = "auto", projections: int = 1):
         super().__init__(weight)
+        require(method in METHODS, "penalty.method", method, "auto, analytic, exact or estimate")
+        require(is_integer(projections) and projections >= 1, "penalty.projections", projections, "a positive integer")
         self.method, self.projections = method, projections
 
     def accepts(self, bottleneck):
         return not bottleneck.stochastic
 
-    def __call__(self, code, x_tilde, encoder, bottleneck, generator=None):
-        linear = one_linear_layer(encoder)
-        method = self.method if self.method != "auto" else "analytic" if linear is not None else "estimate"
-
-        def encode(x):
-            return bottleneck(encoder(x)).code
-
-        with torch.enable_grad():
-            if method == "analytic":
-                if linear is None:
-                    raise UserError("penalty.method=analytic needs a one-layer encoder (net=mlp_shallow); "
-                                    "use penalty.method=exact or estimate")
-                sq = analytic_jacobian_sq(bottleneck.slope(code), linear.weight)
-            elif method == "exact":
-                sq = exact_jacobian_sq(encode, x_tilde)
-            else:
-                sq = estimated_jacobian_sq(encode, x_tilde, self.projections, generator)
+    def __call__(self, code, jacobian=None, generator=None):
+        sq = jacobian(self.method, self.projections, generator)
         return self.weight * sq.mean(), {"jacobian_fro": sq.detach().clamp_min(0).sqrt().mean()}
+
+
+METHODS = ("auto", "analytic", "exact", "estimate")
+
+
+def jacobian_sq(encode, encoder: nn.Module, bottleneck, x: torch.Tensor, code: torch.Tensor, method: str = "auto",
+                projections: int = 1, generator=None) -> torch.Tensor:
+    """‖∂code/∂x‖²_F per example of `encode` (encoder then bottleneck): in closed form for a one-layer
+    encoder, from the full Jacobian, or estimated by random projections; `auto`: closed form where it
+    exists, else the estimate."""
+    linear = one_linear_layer(encoder)
+    method = method if method != "auto" else "analytic" if linear is not None else "estimate"
+    with torch.enable_grad():
+        if method == "analytic":
+            if linear is None:
+                raise UserError("penalty.method=analytic needs a one-layer encoder (net=mlp_shallow); "
+                                "use penalty.method=exact or estimate")
+            return analytic_jacobian_sq(bottleneck.slope(code), linear.weight)
+        if method == "exact":
+            return exact_jacobian_sq(encode, x)
+        return estimated_jacobian_sq(encode, x, projections, generator)
 
 
 def one_linear_layer(encoder: nn.Module) -> nn.Linear | None:

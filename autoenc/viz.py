@@ -1,4 +1,4 @@
-"""Pictures: labelled, upscaled image grids, to TensorBoard during training (a callback) and as PNGs."""
+"""Pictures: labelled, upscaled image grids, for TensorBoard and as PNGs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
 from torchvision.utils import make_grid, save_image
 
 MIN_SIDE = 64  # tiles are upscaled (nearest) until an image is at least this many pixels high and wide
@@ -91,88 +90,15 @@ def square(x: torch.Tensor) -> list[torch.Tensor]:
     return [x[i:i + cols] for i in range(0, len(x), cols)]
 
 
-class Pictures(Callback):
-    """The run's pictures, to TensorBoard at each validation and as PNGs in the run directory: rows of
-    input | noisy (with noise) | reconstruction for validation images; prior samples (stochastic
-    bottleneck); the units' activation frequencies and the decoder's features (codes with active
-    units); the decoded latent manifold and a scatter of test codes (2-D latent). Images only: vector
-    data gets the histogram and scatter. One callback, so that Lightning dispatches its per-step hooks
-    once (scripts/benchmark.py)."""
-
-    def __init__(self, dirpath: str = ".", reconstructions: int = 8, samples: int = 64, manifold: int = 20,
-                 scatter_examples: int = 2000, seed: int = 0):
-        self.dir, self.n, self.samples, self.manifold = Path(dirpath), reconstructions, samples, manifold
-        self.scatter_examples, self.seed = scatter_examples, seed
-
-    @torch.no_grad()
-    def on_validation_epoch_end(self, trainer, pl_module):
-        if trainer.sanity_checking or len(pl_module.shape) != 3:
-            return
-        if self.n:
-            x, _ = fixed_examples(trainer, "val", self.n, pl_module.device)
-            g = torch.Generator(device=x.device).manual_seed(pl_module.noise_seed)
-            x_tilde = x if pl_module.noise is None else pl_module.noise(x, g)
-            rows, labels = [x], ["input"]
-            if pl_module.noise is not None:
-                rows, labels = rows + [x_tilde], labels + ["noisy"]
-            rows, labels = rows + [pl_module(x_tilde)], labels + ["denoised" if pl_module.noise is not None else "reconstruction"]
-            publish(trainer, "val/reconstructions", picture(rows, labels), self.dir / "reconstructions.png")
-        if self.samples and pl_module.bottleneck.stochastic:
-            g = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-            x = pl_module.sample(self.samples, generator=g)
-            publish(trainer, "val/samples", picture(square(x)), self.dir / "samples.png")
-        if self.manifold and pl_module.latent_dim == 2:
-            # Points at evenly spaced quantiles of N(0, 1), as in Kingma & Welling (2014), fig. 4.
-            q = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, self.manifold))
-            zz = torch.cartesian_prod(q.flip(0), q)[:, [1, 0]].to(pl_module.device)
-            x = pl_module.likelihood.mean(pl_module.decode(zz))
-            publish(trainer, "val/latent_manifold", make_grid(x.cpu(), nrow=self.manifold, padding=0),
-                    self.dir / "manifold.png")
-
-    def on_validation_end(self, trainer, pl_module):
-        # Not on_validation_epoch_end: callbacks run before the module's hook that computes the figures.
-        freq = pl_module.epoch_figures.get("activation_frequency")
-        if freq is None or trainer.sanity_checking:
-            return
-        for writer in [lg.experiment for lg in trainer.loggers if hasattr(lg.experiment, "add_histogram")]:
-            writer.add_histogram("val/activation_frequency", freq.float().cpu(), trainer.global_step)
-
-    @torch.no_grad()
-    def on_fit_end(self, trainer, pl_module):
-        freq = pl_module.epoch_figures.get("activation_frequency")
-        if freq is not None and len(pl_module.shape) == 3:
-            publish(trainer, "features", decoder_features(pl_module, freq), self.dir / "features.png")
-
-    @torch.no_grad()
-    def on_test_epoch_end(self, trainer, pl_module):
-        if pl_module.latent_dim != 2 or not self.scatter_examples or not trainer.is_global_zero:
-            return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        x, y = fixed_examples(trainer, "test", self.scatter_examples, pl_module.device)
-        z = pl_module.encode(x).code.cpu()
-        fig, ax = plt.subplots(figsize=(6, 6))
-        points = ax.scatter(z[:, 0], z[:, 1], c=y.cpu(), cmap="tab10", s=4)
-        fig.colorbar(points, ax=ax, label="label")
-        ax.set(xlabel="z₁", ylabel="z₂", title="test-set latent codes")
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fig.savefig(self.dir / "latent_scatter.png", dpi=100, bbox_inches="tight")
-        for writer in image_loggers(trainer):
-            writer.add_figure("test/latent_scatter", fig, trainer.global_step)
-        plt.close(fig)
-
-
-def decoder_features(pl_module, frequency: torch.Tensor) -> torch.Tensor:
+def decoder_features(ae, frequency: torch.Tensor) -> torch.Tensor:
     """One tile per latent unit, most often active first: the decoder's output for that unit on alone
     (at 1) minus its output at 0, all tiles on one shared grey scale (so a unit that does little looks
     flat); units that never fired on the validation set framed in red."""
     order = frequency.argsort(descending=True, stable=True)
-    eye = torch.eye(pl_module.latent_dim, device=pl_module.device)[order.to(pl_module.device)]
-    base = pl_module.likelihood.mean(pl_module.decode(torch.zeros_like(eye[:1])))
-    tiles = pl_module.likelihood.mean(pl_module.decode(eye)) - base
+    device = next(ae.parameters()).device
+    eye = torch.eye(ae.latent_dim, device=device)[order.to(device)]
+    base = ae.likelihood.mean(ae.decode(torch.zeros_like(eye[:1])))
+    tiles = ae.likelihood.mean(ae.decode(eye)) - base
     span = tiles.abs().max().clamp_min(1e-8)
     tiles = tiles / (2 * span) + 0.5  # 0.5 grey: no change from the empty code
     dead = frequency[order] == 0

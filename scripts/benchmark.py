@@ -4,7 +4,7 @@
     python scripts/benchmark.py --device cuda --precision bf16-mixed --compile
 
 Each family is trained in this process three ways over the same network, optimizer, batch size and
-device-resident data: as `autoenc train` builds it (the Trainer from autoenc.train.make_trainer with
+device-resident data: as `autoenc train` builds it (the Trainer from autoenc.runs.make_trainer with
 its logger, progress bar, checkpointing and callbacks, at default settings); as Lightning's floor (a
 minimal LightningModule whose training_step is the plain loop's loss, automatic optimization, no
 logger, bar or checkpoint); and as a plain loop (forward, loss, backward, step). Each Lightning path
@@ -135,15 +135,9 @@ def sync(device: str) -> None:
 
 
 def plain_loss(model, x, g):
-    """The training loss written out by hand from the model's parts: noise, encoder, bottleneck,
-    decoder, likelihood, the bottleneck's term and the penalty."""
+    """The training loss of the plain nn.Module (autoenc.core.Autoencoder), as a hand-written loop uses it."""
     x = x if x.is_floating_point() else x.float().div_(255)
-    x_tilde = model.noise(x, g) if model.noise is not None else x
-    latent = model.bottleneck(model.encoder(x_tilde))
-    loss = model.likelihood.nll(model.decoder(latent.z).float(), x).mean()
-    extra = model.bottleneck.terms(latent, loss, None)[0]
-    penalty = model.penalty(latent.code, x_tilde, model.encoder, model.bottleneck)[0]
-    return loss + sum(t for t in (extra, penalty) if t is not None)
+    return model.autoencoder(x, model.autoencoder.corrupt(x, g)).loss
 
 
 class PlainLoop:
@@ -152,7 +146,7 @@ class PlainLoop:
     def __init__(self, args, cfg):
         import torch
 
-        from autoenc.train import build
+        from autoenc.runs import build
 
         torch.manual_seed(cfg.seed)
         datamodule, model = build(cfg)
@@ -266,7 +260,7 @@ def run_family(args, family: str) -> dict:
     import lightning.pytorch as pl
     import torch
 
-    from autoenc.train import build, configure_lightning, make_trainer
+    from autoenc.runs import build, configure_lightning, make_trainer
 
     totals: dict = {}
     t0 = time.perf_counter()

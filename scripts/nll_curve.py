@@ -21,20 +21,18 @@ from pathlib import Path
 def test_nll(run: Path, ckpt: Path, k: int, seed: int = 0) -> float:
     """The IWAE estimate of the test set's −log p(x) in nats, for one checkpoint of the run."""
     import torch
-    from omegaconf import OmegaConf
     from tqdm import tqdm
 
-    from autoenc.use import load_run  # the same rebuild as the commands that use a model
+    import autoenc
 
-    cfg = OmegaConf.create({"ckpt": str(ckpt), "eval": {"iwae_samples": k}, "split": "test", "input": None})
-    r = load_run(cfg)
-    x, _ = r.datamodule.splits["test"]
-    g = torch.Generator(device=r.model.device).manual_seed(seed)
+    model = autoenc.load(ckpt)  # the same rebuild as the commands that use a model
+    x, _ = model.split("test")
+    g = torch.Generator(device=model.device).manual_seed(seed)
     total = 0.0
     with torch.no_grad():
         for start in tqdm(range(0, len(x), 100), desc=ckpt.name, leave=False):
-            b = r.datamodule.transform(x[start:start + 100]).to(r.model.device)
-            total += float(-r.model.log_likelihood(b, k, g).sum())
+            b = model.input(x[start:start + 100])
+            total += float(-model.autoencoder.log_likelihood(b, k, g).sum())
     return total / len(x)
 
 

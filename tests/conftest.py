@@ -40,7 +40,7 @@ def train_here(run_dir: Path, *overrides: str, fast: bool = True) -> dict:
     from omegaconf import OmegaConf
 
     from autoenc.schema import validate
-    from autoenc.train import train
+    from autoenc.training import train
 
     cfg = compose(*overrides, run_dir=run_dir, fast=fast)
     validate(cfg)
@@ -53,7 +53,7 @@ def rebuilt(run_dir: Path, ckpt: str = "best.ckpt"):
     """A run's data module and model (eval mode) with the weights of one of its checkpoints."""
     from omegaconf import OmegaConf
 
-    from autoenc.train import build
+    from autoenc.runs import build
 
     saved = run_dir / ".hydra" / "config.yaml"
     cfg = OmegaConf.load(saved if saved.is_file() else run_dir / "config.yaml")

@@ -45,14 +45,14 @@ def test_progress_bar_redraws_by_time_and_at_the_end_of_each_pass(monkeypatch):
 
     from lightning.pytorch.callbacks import TQDMProgressBar
 
-    import autoenc.train
-    from autoenc.train import ProgressBar
+    import autoenc.callbacks
+    from autoenc.callbacks import ProgressBar
 
     # the override is live only while Lightning's bar asks _should_update before each redraw
     assert "self._should_update(" in inspect.getsource(TQDMProgressBar.on_train_batch_end)
     bar = ProgressBar(refresh_interval=10.0)
     clock = iter([100.0, 105.0, 111.0, 112.0])
-    monkeypatch.setattr(autoenc.train.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(autoenc.callbacks.time, "monotonic", lambda: next(clock))
     assert [bar._should_update(n, 50) for n in (1, 2, 3, 50)] == [True, False, True, True]
 
 
@@ -63,7 +63,7 @@ def test_the_nvml_probe_variable_is_dropped_only_where_nvml_cannot_load(monkeypa
 
     import torch
 
-    from autoenc.train import configure_lightning, skip_failing_gpu_probe
+    from autoenc.runs import configure_lightning, skip_failing_gpu_probe
 
     monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     monkeypatch.setattr(ctypes, "CDLL", lambda name: object())  # a machine whose driver has NVML
@@ -88,7 +88,7 @@ def test_a_step_checkpoint_that_never_saves_is_not_made_and_one_that_saves_is(tm
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from conftest import compose
-    from autoenc.train import make_trainer
+    from autoenc.runs import make_trainer
 
     def checkpoints(*overrides):
         trainer = make_trainer(compose(*overrides, run_dir=tmp_path, fast=False))

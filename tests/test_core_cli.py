@@ -36,7 +36,7 @@ def test_tensorboard_has_curves_learning_rate_and_reconstruction_grid(run):
 
 def test_test_mse_equals_recomputation_from_the_best_checkpoint(run):
     run_dir, results = run
-    from autoenc.train import build
+    from autoenc.runs import build
 
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     cfg.paths.output_dir = str(run_dir)
@@ -45,7 +45,7 @@ def test_test_mse_equals_recomputation_from_the_best_checkpoint(run):
     model.load_state_dict(ckpt["state_dict"])
     x, _ = datamodule.splits["test"]
     with torch.no_grad():
-        x_hat = torch.sigmoid(model.decoder(model.encoder(x)))
+        x_hat = torch.sigmoid(model.autoencoder.decoder(model.autoencoder.encoder(x)))
     assert results["test/mse"] == pytest.approx(((x_hat - x) ** 2).mean().item(), rel=1e-4)
     assert 0 < results["test/mse"] < 0.25
 

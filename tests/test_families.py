@@ -42,7 +42,7 @@ def test_sparse_run_writes_one_feature_tile_per_unit_and_a_frequency_histogram(r
     datamodule, model = rebuilt(run_dir)
     n = 2 * compose("model=sparse").data.batch_size  # the test's first examples (FAST: 2 batches)
     with torch.no_grad():
-        code = model.encode(datamodule.splits["test"][0][:n]).code
+        code = model.autoencoder.encode(datamodule.splits["test"][0][:n]).code
     fires = (code > 0).float()
     assert results["test/l0"] == pytest.approx(fires.sum(1).mean().item(), rel=1e-5)
 
@@ -76,7 +76,7 @@ def test_psnr_equals_recomputation_from_the_best_checkpoint(runs):
     x = to_unit(datamodule.splits["test"][0])
     x_tilde = torch.cat([noise(b, g) for b in x.split(cfg.data.batch_size)])
     with torch.no_grad():
-        x_hat = torch.sigmoid(model.decoder(model.encoder(x_tilde)))
+        x_hat = torch.sigmoid(model.autoencoder.decoder(model.autoencoder.encoder(x_tilde)))
 
     def mean_psnr(a):  # per image, then averaged over the test set
         return (10 * torch.log10(1 / ((a - x) ** 2).flatten(1).mean(1))).mean().item()

@@ -42,10 +42,10 @@ def code_facts(run_dir, results: dict, bottleneck: str, penalty: str, noise: str
     assert ("test/jacobian_fro" in results) == (penalty == "contractive")
     datamodule, model = rebuilt(run_dir)
     with torch.no_grad():
-        code = model.encode(datamodule.splits["test"][0]).code
+        code = model.autoencoder.encode(datamodule.splits["test"][0]).code
     if bottleneck == "topk":
-        assert ((code != 0).sum(1) <= model.bottleneck.k).all()  # l0 ≤ k on every example
-        assert results["test/l0"] <= model.bottleneck.k
+        assert ((code != 0).sum(1) <= model.autoencoder.bottleneck.k).all()  # l0 ≤ k on every example
+        assert results["test/l0"] <= model.autoencoder.bottleneck.k
     if bottleneck in ("relu", "topk"):
         assert code.min() >= 0 and 0 <= results["test/dead_fraction"] <= 1
     if bottleneck == "sigmoid":

@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from autoenc.cli import CONFIGS
 from autoenc.corruption import gaussian, masking, salt_pepper
 from autoenc.data import to_unit
-from autoenc.train import build
+from autoenc.runs import build
 
 X = torch.full((64, 1, 50, 50), 0.5)  # 160,000 pixels: a fraction's standard error is ≈ 0.001
 
@@ -60,11 +60,11 @@ def test_training_reconstructs_the_clean_input_not_the_noisy_one():
     g = seeded(0)
     for step in range(200):
         x = x_train[torch.randint(len(x_train), (128,), generator=g)]
-        loss = model.loss_terms(x, model.noise(x, g))[0]["loss"]
+        loss = model.autoencoder(x, model.autoencoder.noise(x, g)).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
-    x_tilde = model.noise(x_val, seeded(9))
+    x_tilde = model.autoencoder.noise(x_val, seeded(9))
     with torch.no_grad():
         x_hat = model(x_tilde)
     to_clean, to_noisy = ((x_hat - x_val) ** 2).mean(), ((x_hat - x_tilde) ** 2).mean()

@@ -88,7 +88,7 @@ def test_standardization_uses_training_statistics_only_and_encode_reapplies_them
     np.save(tmp_path / "new.npy", x[:5] + 1.0)  # data after training: standardized with the stored stats
     codes = np.load(use("encode", f"ckpt={tmp_path / 'run' / 'checkpoints' / 'best.ckpt'}", f"input={tmp_path / 'new.npy'}"))
     with torch.no_grad():
-        expected = model.encode(torch.from_numpy((x[:5] + 1.0 - mean) / std).float()).code.numpy()
+        expected = model.autoencoder.encode(torch.from_numpy((x[:5] + 1.0 - mean) / std).float()).code.numpy()
     assert np.allclose(codes["code"], expected, atol=1e-4) and (codes["index"] == np.arange(5)).all()
 
 

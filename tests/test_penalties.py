@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from torch.autograd.functional import jacobian
 
 from autoenc.bottlenecks import Gaussian, Linear, ReLU, Sigmoid, TopK
 from autoenc.errors import UserError
-from autoenc.penalties import KL, L1, Contractive, Penalty, estimated_jacobian_sq, exact_jacobian_sq
+from autoenc.penalties import KL, L1, Contractive, Penalty, estimated_jacobian_sq, exact_jacobian_sq, jacobian_sq
 
 
 def one_layer() -> nn.Sequential:
@@ -37,7 +38,9 @@ def x() -> torch.Tensor:
 
 
 def contractive(encoder, bottleneck, x, **kw):
-    return Contractive(weight=0.5, **kw)(bottleneck(encoder(x)).code, x, encoder, bottleneck)
+    code = bottleneck(encoder(x)).code
+    jacobian = partial(jacobian_sq, lambda v: bottleneck(encoder(v)).code, encoder, bottleneck, x, code)
+    return Contractive(weight=0.5, **kw)(code, jacobian)
 
 
 @pytest.mark.parametrize("bottleneck", [Sigmoid(), ReLU(), Linear(), TopK(k=2)], ids=lambda b: type(b).__name__)
@@ -91,7 +94,7 @@ def test_analytic_on_a_deep_encoder_is_a_user_error(x):
 def test_kl_sparsity_equals_the_formula_by_hand():
     rho, beta = 0.1, 0.7
     z = torch.tensor([[0.2, 0.9, 0.05], [0.4, 0.7, 0.15]])
-    term, _ = KL(weight=beta, rho=rho)(z, None, None, Sigmoid())
+    term, _ = KL(weight=beta, rho=rho)(z)
     by_hand = 0.0
     for rho_hat in (0.3, 0.8, 0.1):
         by_hand += rho * math.log(rho / rho_hat) + (1 - rho) * math.log((1 - rho) / (1 - rho_hat))
@@ -100,18 +103,18 @@ def test_kl_sparsity_equals_the_formula_by_hand():
 
 def test_kl_sparsity_is_zero_when_the_mean_activation_equals_the_target():
     z = torch.tensor([[0.0, 0.1, 0.05], [0.1, 0.0, 0.05]])  # column means 0.05
-    term, _ = KL(weight=1.0, rho=0.05)(z, None, None, Sigmoid())
+    term, _ = KL(weight=1.0, rho=0.05)(z)
     assert term.item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_l1_is_a_per_example_sum_averaged_over_the_batch():
     """The scale convention: Σ over units per example, then the batch mean (numpy, by loops)."""
     z = torch.randn(5, 7, generator=torch.Generator().manual_seed(6))
-    term, _ = L1(weight=0.3)(z, None, None, Linear())
+    term, _ = L1(weight=0.3)(z)
     by_hand = np.mean([sum(abs(v) for v in row) for row in z.tolist()])
     assert term.item() == pytest.approx(0.3 * by_hand, rel=1e-6)
     # the same code twice as wide, each unit duplicated: twice the term, as for a reconstruction sum
-    assert L1(weight=0.3)(torch.cat([z, z], 1), None, None, Linear())[0].item() == pytest.approx(2 * term.item())
+    assert L1(weight=0.3)(torch.cat([z, z], 1))[0].item() == pytest.approx(2 * term.item())
 
 
 def test_each_penalty_declares_what_it_needs_of_the_bottleneck():

@@ -108,7 +108,7 @@ def test_lightning_gradient_clipping_bounds_the_step(tmp_path):
     """With SGD at lr 1 the one step's parameter change is the clipped gradient: its norm is the clip."""
     import lightning.pytorch as pl
 
-    from autoenc.train import build
+    from autoenc.runs import build
 
     clip = 1e-3
     overrides = ["model.optimizer._target_=torch.optim.SGD", "model.optimizer.lr=1.0", "model.scheduler=null",

@@ -104,7 +104,7 @@ def test_a_checkpoint_write_that_fails_midway_leaves_the_previous_file_whole(tmp
     import lightning.pytorch as pl
     from fsspec.implementations.local import LocalFileOpener
 
-    from autoenc.train import build
+    from autoenc.runs import build
     from conftest import compose
 
     target = tmp_path / "last.ckpt"
@@ -130,7 +130,7 @@ def test_a_checkpoint_write_that_fails_midway_leaves_the_previous_file_whole(tmp
 def test_results_json_write_that_fails_midway_leaves_the_previous_file_whole(tmp_path, monkeypatch):
     from pathlib import Path
 
-    from autoenc import train
+    from autoenc import runs as train
 
     path = tmp_path / "results.json"
     train.write_json(path, {"a": 1})

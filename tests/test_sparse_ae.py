@@ -7,7 +7,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from autoenc.train import build
+from autoenc.runs import build
 from conftest import compose, rebuilt, train_here
 
 SAE = ["net=sae", "bottleneck=topk", "bottleneck.k=2", "likelihood=mse", "model.latent_dim=16", "data.batch_size=32",
@@ -15,20 +15,20 @@ SAE = ["net=sae", "bottleneck=topk", "bottleneck.k=2", "likelihood=mse", "model.
 
 
 def decoder_weight(model) -> torch.Tensor:
-    return model.decoder[0].weight  # (pixels, units): the parametrization gives unit columns
+    return model.autoencoder.decoder[0].weight  # (pixels, units): the parametrization gives unit columns
 
 
 def test_decoder_columns_have_unit_norm_after_a_step_and_the_encoder_starts_as_its_transpose():
     torch.manual_seed(0)
     _, model = build(compose(*SAE))
-    assert torch.allclose(model.encoder[2].weight, decoder_weight(model).t())
+    assert torch.allclose(model.autoencoder.encoder[2].weight, decoder_weight(model).t())
     opt = torch.optim.Adam(model.parameters(), lr=0.1)
     x = torch.rand(32, 1, 8, 8)
-    model.loss_terms(x, x)[0]["loss"].backward()
+    model.autoencoder(x, x).loss.backward()
     opt.step()
     norms = decoder_weight(model).norm(dim=0)
     assert torch.allclose(norms, torch.ones(16), atol=1e-5)
-    assert not torch.allclose(model.encoder[2].weight, decoder_weight(model).t())  # they train apart
+    assert not torch.allclose(model.autoencoder.encoder[2].weight, decoder_weight(model).t())  # they train apart
 
 
 def fit_with_unit_0_killed(aux_coef: float, steps: int = 400):
@@ -38,11 +38,11 @@ def fit_with_unit_0_killed(aux_coef: float, steps: int = 400):
     cfg = compose(*SAE, f"bottleneck.aux_coef={aux_coef}", "bottleneck.dead_window=30", fast=False)
     datamodule, model = build(cfg)
     with torch.no_grad():
-        model.encoder[2].weight[0], model.encoder[2].bias[0] = 0.0, -0.1
+        model.autoencoder.encoder[2].weight[0], model.autoencoder.encoder[2].bias[0] = 0.0, -0.1
     pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0).fit(model, datamodule=datamodule)
     with torch.no_grad():
-        code = model.encode(datamodule.transform(datamodule.splits["test"][0])).code
+        code = model.autoencoder.encode(datamodule.transform(datamodule.splits["test"][0])).code
     return (code[:, 0] > 0).float().mean().item(), model
 
 
@@ -50,7 +50,7 @@ def test_auxk_brings_a_dead_unit_back_and_without_it_the_unit_stays_dead():
     revived, model = fit_with_unit_0_killed(1 / 32)
     stays, _ = fit_with_unit_0_killed(0.0)
     assert stays == 0.0
-    assert revived > 0.0 and model.bottleneck.since_fired[0] < 30
+    assert revived > 0.0 and model.autoencoder.bottleneck.since_fired[0] < 30
 
 
 def test_fvu_equals_an_independent_computation(tmp_path):

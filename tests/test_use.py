@@ -94,10 +94,10 @@ def test_evaluate_vae_iwae_and_active_units_equal_independent_estimates(vae, tmp
     datamodule, model = run_of(vae)
     x = datamodule.splits["test"][0]
     with torch.no_grad():
-        mean, logvar = model.encoder(x).chunk(2, 1)
+        mean, logvar = model.autoencoder.encoder(x).chunk(2, 1)
         q = torch.distributions.Normal(mean, (0.5 * logvar).exp())
         z = q.sample((64,))  # (K, N, d): the importance-weighted bound, written out independently
-        log_px = torch.distributions.Bernoulli(logits=model.decoder(z.flatten(0, 1)), validate_args=False).log_prob(x.repeat(64, 1, 1, 1))
+        log_px = torch.distributions.Bernoulli(logits=model.autoencoder.decoder(z.flatten(0, 1)), validate_args=False).log_prob(x.repeat(64, 1, 1, 1))
         log_w = (log_px.flatten(1).sum(1).view(64, -1) + torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
                  - q.log_prob(z).sum(-1))
         nll = -(torch.logsumexp(log_w, 0) - math.log(64))
@@ -154,7 +154,7 @@ def test_encode_of_a_folder_keeps_sorted_file_order_and_names_the_files(ae, tmp_
     datamodule, model = run_of(ae[0])
     grey = torch.tensor([40 * i / 255 for i in range(6)]).view(6, 1, 1, 1).expand(6, 1, 8, 8)
     with torch.no_grad():
-        assert np.allclose(data["code"], model.encode(grey).code.numpy(), atol=1e-4)  # row i is file i
+        assert np.allclose(data["code"], model.autoencoder.encode(grey).code.numpy(), atol=1e-4)  # row i is file i
 
 
 def test_decode_of_encode_is_the_models_reconstruction(ae, tmp_path):

@@ -11,7 +11,7 @@ from torch.distributions import Bernoulli, Normal, kl_divergence
 
 from autoenc.bottlenecks import gaussian_kl
 from autoenc.likelihoods import Gaussian
-from autoenc.train import build
+from autoenc.runs import build
 from conftest import compose, rebuilt, tb_tags, train_here
 
 RESULT_KEYS = {"test/nelbo", "test/recon", "test/kl", "test/mse", "test/active_units", "test/nll_iwae"}
@@ -35,10 +35,10 @@ def load(run_dir):
 @torch.no_grad()
 def elbo_draws(model, x, draws: int) -> torch.Tensor:
     """(draws, B) single-draw ELBO terms log p(x|z) − KL via torch.distributions (grey x: the BCE)."""
-    mean, logvar = model.encoder(x).chunk(2, 1)
+    mean, logvar = model.autoencoder.encoder(x).chunk(2, 1)
     q = Normal(mean, (0.5 * logvar).exp())
     z = q.rsample((draws,))
-    log_px = Bernoulli(logits=model.decoder(z.flatten(0, 1)), validate_args=False).log_prob(x.repeat(draws, 1, 1, 1))
+    log_px = Bernoulli(logits=model.autoencoder.decoder(z.flatten(0, 1)), validate_args=False).log_prob(x.repeat(draws, 1, 1, 1))
     return log_px.flatten(1).sum(1).view(draws, -1) - kl_divergence(q, Normal(0.0, 1.0)).sum(1)
 
 
@@ -62,14 +62,14 @@ def test_conv_denoising_vae_learns_its_gaussian_sigma_and_iwae_beats_its_elbo():
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for step in range(60):
         x = x_train[torch.randint(len(x_train), (128,))]
-        loss = model.loss_terms(x, model.corrupt(x))[0]["loss"]
+        loss = model.autoencoder(x, model.autoencoder.corrupt(x)).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert model.likelihood.log_sigma.item() < -0.1  # σ = 1 at the start; the fit pulls it down
+    assert model.autoencoder.likelihood.log_sigma.item() < -0.1  # σ = 1 at the start; the fit pulls it down
     with torch.no_grad():
-        nelbo = torch.stack([model.loss_terms(x_val, x_val)[0]["nelbo"] for _ in range(50)]).mean()
-    assert model.log_likelihood(x_val, 100).mean().item() > -nelbo.item()
+        nelbo = torch.stack([model.autoencoder(x_val, x_val).terms["nelbo"] for _ in range(50)]).mean()
+    assert model.autoencoder.log_likelihood(x_val, 100).mean().item() > -nelbo.item()
 
 
 def test_cli_run_writes_every_result_key_pictures_and_tensorboard_tags(run):
@@ -90,44 +90,44 @@ def test_logged_test_figures_match_an_independent_recomputation(run):
     datamodule, model = load(run_dir)
     x = datamodule.splits["test"][0]
     with torch.no_grad():
-        mean, logvar = model.encoder(x).chunk(2, 1)
+        mean, logvar = model.autoencoder.encoder(x).chunk(2, 1)
     assert results["test/kl"] == pytest.approx(gaussian_kl(mean, logvar).mean().item(), rel=1e-4)
     assert results["test/active_units"] == (mean.var(0, unbiased=False) > 0.01).sum().item() == 2
     torch.manual_seed(0)
     elbo = elbo_draws(model, x, 200)
     # One draw per example was logged: its spread over draws sets the tolerance.
     assert results["test/nelbo"] == pytest.approx(-elbo.mean().item(), abs=5 * (elbo.var(0).mean() / len(x)).sqrt().item())
-    iwae4 = model.log_likelihood(x.repeat(50, 1, 1, 1), 4).view(50, -1)
+    iwae4 = model.autoencoder.log_likelihood(x.repeat(50, 1, 1, 1), 4).view(50, -1)
     assert results["test/nll_iwae"] == pytest.approx(-iwae4.mean().item(), abs=5 * (iwae4.var(0).mean() / len(x)).sqrt().item())
 
 
 def iwae_mean(model, x, k: int, reps: int) -> tuple[float, float]:
     """The IWAE bound averaged over examples and `reps` independent estimates, and its standard error."""
-    v = model.log_likelihood(x.repeat(reps, 1, 1, 1), k).view(reps, -1)
+    v = model.autoencoder.log_likelihood(x.repeat(reps, 1, 1, 1), k).view(reps, -1)
     return v.mean().item(), (v.var(0).mean() / v.numel()).sqrt().item()
 
 
 def test_iwae_bounds_the_elbo_and_tightens_as_k_grows(run):
     datamodule, model = load(run[0])
     with torch.no_grad():  # a deliberately poor posterior, e² times too wide: the bounds lie far apart
-        model.encoder[-1].bias[2:] += 2.0
+        model.autoencoder.encoder[-1].bias[2:] += 2.0
     x = datamodule.splits["test"][0]
     torch.manual_seed(0)
     elbo = elbo_draws(model, x, 100).mean().item()
     (b1, s1), (b10, s10), (b100, s100) = (iwae_mean(model, x, k, r) for k, r in ((1, 100), (10, 10), (100, 10)))
     assert b10 - b1 > 3 * (s1 + s10) and b100 - b10 > 3 * (s10 + s100)
-    assert model.log_likelihood(x, 1000).mean().item() > max(elbo, b100)
+    assert model.autoencoder.log_likelihood(x, 1000).mean().item() > max(elbo, b100)
     # and after training, the K=1000 bound still lies above the ELBO
     datamodule, model = load(run[0])
     elbo = elbo_draws(model, x, 100).mean().item()
-    assert model.log_likelihood(x, 1000).mean().item() > elbo
+    assert model.autoencoder.log_likelihood(x, 1000).mean().item() > elbo
 
 
 def test_iwae_with_one_sample_is_the_elbo_in_expectation(run):
     datamodule, model = load(run[0])
     x = datamodule.splits["test"][0]
     torch.manual_seed(0)
-    one = model.log_likelihood(x.repeat(100, 1, 1, 1), 1).view(100, -1)
+    one = model.autoencoder.log_likelihood(x.repeat(100, 1, 1, 1), 1).view(100, -1)
     elbo = elbo_draws(model, x, 100)
     se = ((one.var(0).mean() + elbo.var(0).mean()) / one.numel()).sqrt().item()
     assert one.mean().item() == pytest.approx(elbo.mean().item(), abs=5 * se)
@@ -135,7 +135,7 @@ def test_iwae_with_one_sample_is_the_elbo_in_expectation(run):
 
 def test_prior_samples_are_images_in_unit_range_of_the_data_shape(run):
     datamodule, model = load(run[0])
-    x = model.sample(16, generator=torch.Generator().manual_seed(0))
+    x = model.autoencoder.sample(16, generator=torch.Generator().manual_seed(0))
     assert x.shape == (16, *datamodule.shape) and 0 <= x.min() and x.max() <= 1
     assert (x[0] - x[1]).abs().max() > 1e-3  # different z, different images
 

@@ -1,0 +1,110 @@
+"""Autoencoder, a plain nn.Module: x ─noise→ x̃ ─encoder→ h ─bottleneck→ z ─decoder→ logits ─likelihood→ x̂."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from torch import nn
+
+from autoenc.bottlenecks import Bottleneck, Latent, Linear, Step
+from autoenc.errors import UserError, require
+from autoenc.likelihoods import Bernoulli
+from autoenc.penalties import Penalty, jacobian_sq
+
+
+@dataclass
+class Output:
+    """One pass of the pipeline: the code, the decoder's logits, the loss and its named parts (per-example
+    sums averaged over the batch, each from the seam that owns it) with the figures those seams report."""
+
+    latent: Latent
+    logits: torch.Tensor
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Autoencoder(nn.Module):
+    """The one pipeline of every family; noise, bottleneck, penalty and likelihood are its seams, the
+    backbone `net(shape, latent_dim, head_dim)` gives the encoder and decoder. Training it needs no
+    Lightning: `out = model(x, model.corrupt(x, g)); out.loss.backward()`."""
+
+    def __init__(self, net, shape, latent_dim: int = 16, bottleneck: Bottleneck | None = None,
+                 likelihood: nn.Module | None = None, noise=None, penalty: Penalty | None = None):
+        super().__init__()
+        require(isinstance(latent_dim, int) and not isinstance(latent_dim, bool) and latent_dim >= 1,
+                "model.latent_dim", latent_dim, "a positive integer")
+        self.shape, self.latent_dim = tuple(shape), latent_dim
+        self.bottleneck = bottleneck if bottleneck is not None else Linear()
+        self.bottleneck.setup(latent_dim)
+        self.likelihood = likelihood if likelihood is not None else Bernoulli()
+        self.encoder, self.decoder = net(shape=self.shape, latent_dim=latent_dim,
+                                         head_dim=self.bottleneck.head_dim(latent_dim))
+        self.noise, self.penalty = noise, penalty or Penalty()
+        if not self.penalty.accepts(self.bottleneck):
+            raise UserError(f"penalty={self.penalty.name} needs {self.penalty.needs}, which "
+                            f"bottleneck={self.bottleneck.name} does not give")
+
+    def corrupt(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The encoder's input x̃: x with this model's noise (x itself without one)."""
+        return x if self.noise is None else self.noise(x, generator)
+
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Latent:
+        return self.bottleneck(self.encoder(x), generator)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Logits; the likelihood owns the output activation."""
+        return self.decoder(z)
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """x̂ from the deterministic code (the posterior mean where there is one)."""
+        return self.likelihood.mean(self.decode(self.encode(x).code))
+
+    def forward(self, x: torch.Tensor, x_tilde: torch.Tensor | None = None, progress: float | None = None,
+                generator: torch.Generator | None = None) -> Output:
+        """The loss of reconstructing the clean x from x̃ (default x), and its parts. `progress`: epochs of
+        training done (the bottleneck's warm-up and AuxK act only in training, where it is given);
+        `generator`: the randomness of sampling and of estimated penalties."""
+        x_tilde = x if x_tilde is None else x_tilde
+        latent = self.encode(x_tilde, generator)
+        logits = self.decode(latent.z)
+        recon = self.likelihood.nll(logits, x).mean()
+        step = Step(x, logits, recon, self.decode, self.likelihood.nll, progress)
+        extra, terms = self.bottleneck.terms(latent, step)
+        jacobian = partial(self.jacobian_sq, x_tilde, latent.code) if self.penalty.needs_jacobian else None
+        penalty, figures = self.penalty(latent.code, jacobian=jacobian, generator=generator)
+        loss = recon
+        for term in (extra, penalty):  # only the terms that exist: no zeros added on every step
+            loss = loss if term is None else loss + term
+        parts = {"loss": loss, "recon": recon, **({} if penalty is None else {"penalty": penalty})}
+        return Output(latent, logits, loss, {**parts, **terms, **figures})
+
+    def jacobian_sq(self, x: torch.Tensor, code: torch.Tensor, method: str = "auto", projections: int = 1,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+        """‖∂code/∂x‖²_F per example (code: this model's code of x), by `method` (penalties.jacobian_sq)."""
+        return jacobian_sq(lambda v: self.encode(v).code, self.encoder, self.bottleneck, x, code, method,
+                           projections, generator)
+
+    # ---- what a stochastic bottleneck brings: prior samples and the IWAE bound -------------
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n examples decoded from prior samples z ~ p(z) (a bottleneck with a prior only)."""
+        device = next(self.parameters()).device
+        return self.likelihood.mean(self.decode(self.bottleneck.prior_sample(n, generator, device)))
+
+    @torch.no_grad()
+    def log_likelihood(self, x: torch.Tensor, k: int, generator: torch.Generator | None = None,
+                       chunk: int = 100) -> torch.Tensor:
+        """IWAE estimate of log p(x) per example with k importance samples (Burda et al. 2015, eq. 8),
+        decoding `chunk` samples at a time."""
+        h = self.encoder(x).float()  # float32 even under bf16 autocast
+        parts = []
+        for start in range(0, k, chunk):
+            n = min(chunk, k - start)
+            z, log_w = self.bottleneck.importance_samples(h, n, generator)  # (n, B, d), log p(z) − log q(z|x)
+            logits = self.decode(z.flatten(0, 1)).float()
+            log_px = -self.likelihood.nll(logits, x.repeat(n, *[1] * (x.dim() - 1))).view(n, -1)
+            parts.append(log_px + log_w)
+        return torch.logsumexp(torch.cat(parts), 0) - math.log(k)

@@ -1,0 +1,196 @@
+"""The run layer: build a run's data and model from its config, read and restore checkpoints, rebuild a
+trained run from its directory; shared by `train`, the commands, the Python API, the tests and the scripts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from autoenc.errors import UserError
+
+log = logging.getLogger("autoenc")
+
+
+def configure_lightning() -> None:
+    """Process-wide Lightning settings for every command: no start-up chatter that says nothing a user can
+    act on, and no GPU probe that fails at every optimizer step."""
+    skip_failing_gpu_probe()
+    for pattern in (".*does not have many workers.*", ".*LeafSpec.*", ".*is deprecated.*",
+                    ".*Checkpoint directory .* exists and is not empty.*",
+                    ".*The number of training batches .* is smaller than the logging interval.*",
+                    ".*when logging on epoch level in distributed setting.*", ".*litlogger.*",
+                    ".*was configured so 100% of the batches.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+
+
+def skip_failing_gpu_probe() -> None:
+    """Importing Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1, so that every torch.cuda.is_available()
+    (Adam.step asks at each step) first tries to load libnvidia-ml; without an NVIDIA driver that fails
+    every time (Adam.step on a small net: 90 µs instead of 44 here). Where the library cannot load, torch
+    answers the same without the variable, so it is dropped."""
+    if os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") != "1":
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        del os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"]
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Writes JSON atomically (temp file + rename), so a crash never leaves half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path) -> dict:
+    """Reads a checkpoint as tensors and plain data only (weights_only): nothing in it can run."""
+    import pickle
+
+    import torch
+
+    p = Path(str(path))
+    if not p.is_file():
+        raise UserError(f"checkpoint {p} does not exist; give the path of a .ckpt file in a run's checkpoints/")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"refused to load {p}: it holds objects other than tensors and plain data, which "
+                        f"could run code ({str(e).splitlines()[-1]})") from None
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {p}: it is truncated or not a checkpoint ({e})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise UserError(f"{p} is not an autoenc checkpoint (it has no state_dict)")
+    return ckpt
+
+
+def restore(model, ckpt: dict, path) -> None:
+    """Loads a checkpoint's weights into `model`, or says in one line that it is another model's."""
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise UserError(f"{path} is from a different model than this config builds ({str(e).splitlines()[0]}); "
+                        "use the model/net/data settings of the run that wrote it") from None
+
+
+def build(cfg: DictConfig):
+    """The data module and the LightningModule a config describes (the model built from the data's shape)."""
+    datamodule = instantiate(cfg.data)
+    seams = {k: instantiate(cfg[k]) if cfg.get(k) else None for k in ("noise", "bottleneck", "penalty", "likelihood")}
+    model = instantiate(cfg.model, net=instantiate(cfg.net), shape=datamodule.shape, **seams)
+    return datamodule, model
+
+
+def instantiate(node, **kwargs):
+    """hydra.utils.instantiate, with a user's mistake found while building reported as itself."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate as hydra_instantiate
+
+    try:
+        return hydra_instantiate(node, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, UserError):
+            raise e.__cause__ from None
+        raise
+
+
+def check_range(datamodule, likelihood) -> None:
+    """Refuses data a bounded likelihood cannot model (values outside [0, 1]) in one line."""
+    if likelihood.bounds is None:
+        return
+    lo, hi = datamodule.value_range()
+    if lo < likelihood.bounds[0] or hi > likelihood.bounds[1]:
+        raise UserError(f"the training data spans [{lo:.4g}, {hi:.4g}], outside the [0, 1] that "
+                        f"likelihood={type(likelihood).__name__.lower()} models; use likelihood=mse or "
+                        "likelihood=gaussian likelihood.bounded=false")
+
+
+def never_saves(node) -> bool:
+    """A checkpoint callback config whose every_n_train_steps and every_n_epochs are both 0 (and no
+    train_time_interval): Lightning would call its hooks every step for nothing (about 4 µs a hook)."""
+    off = all(k in node and not node[k] for k in ("every_n_train_steps", "every_n_epochs"))
+    return off and not node.get("train_time_interval")
+
+
+def make_trainer(cfg: DictConfig, *extra_callbacks):
+    """The Trainer a config describes, with its callbacks and loggers (the progress bar only when
+    trainer.enable_progress_bar is on, as Lightning requires; no checkpoint callback that never saves)."""
+    from lightning.pytorch.callbacks import ProgressBar as AnyProgressBar
+
+    callbacks = [cb for cb in (instantiate(c) for c in cfg.callbacks.values() if c and not never_saves(c))
+                 if cfg.trainer.enable_progress_bar or not isinstance(cb, AnyProgressBar)]
+    loggers = [instantiate(c) for c in cfg.logger.values() if c] if cfg.logger else False
+    return instantiate(cfg.trainer, callbacks=callbacks + list(extra_callbacks), logger=loggers)
+
+
+
+
+@dataclass
+class Run:
+    """A trained run rebuilt from its directory: the directory, its config, its data module and its
+    LightningModule (eval mode, on `device`) with the checkpoint's weights."""
+
+    dir: Path
+    cfg: DictConfig
+    datamodule: object
+    module: object
+
+    @property
+    def autoencoder(self):
+        return self.module.autoencoder
+
+
+def device() -> str:
+    """Where a trained model runs by default: the GPU if there is one."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def find_checkpoint(path) -> Path:
+    """The checkpoint a path names: the file itself, or in a run directory checkpoints/best.ckpt (else last.ckpt)."""
+    p = Path(str(path)).expanduser()
+    if p.is_dir():
+        found = next((p / "checkpoints" / n for n in ("best.ckpt", "last.ckpt") if (p / "checkpoints" / n).is_file()), None)
+        if found is None:
+            raise UserError(f"{p} is a directory without checkpoints/best.ckpt or last.ckpt; give a run directory "
+                            "that `autoenc train` wrote, or the path of a .ckpt file")
+        return found
+    return p
+
+
+def load_run(path, iwae_samples: int | None = None, on: str | None = None) -> Run:
+    """Rebuilds the model of a checkpoint (or of a run directory's best one) from its run's config and loads
+    the weights (weights_only) and the data's standardization statistics stored with them."""
+    path = find_checkpoint(path)
+    ckpt = load_checkpoint(path)
+    # the run directory: the nearest folder above the checkpoint that holds the run's .hydra/
+    run_dir = next((d for d in path.resolve().parents if (d / ".hydra").is_dir()),
+                   path.parent.parent if path.parent.name == "checkpoints" else path.parent)
+    saved = run_dir / ".hydra" / "config.yaml"
+    if saved.is_file():
+        run_cfg = OmegaConf.load(saved)
+    elif "autoenc_config" in ckpt:
+        run_cfg = OmegaConf.create(ckpt["autoenc_config"])
+    else:
+        raise UserError(f"{path} stores no config and {saved} is missing; use a checkpoint inside "
+                        "the run directory that `autoenc train` wrote")
+    run_cfg.paths.output_dir = str(run_dir)
+    if iwae_samples is not None:
+        run_cfg.model.iwae_samples = iwae_samples
+    configure_lightning()
+    datamodule, module = build(run_cfg)
+    restore(module, ckpt, path)  # the checkpoint already read above, not read again
+    if type(datamodule).__qualname__ in ckpt:
+        datamodule.load_state_dict(ckpt[type(datamodule).__qualname__])
+    return Run(run_dir, run_cfg, datamodule, module.eval().to(on or device()))

@@ -1,0 +1,59 @@
+"""`train(cfg)`: the driver, compose → build → fit → test → results.json; importable without the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from autoenc.runs import build, check_range, configure_lightning, load_checkpoint, make_trainer, restore, write_json
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Trains, tests the best checkpoint, writes results.json: its best val score and test metrics."""
+    import lightning.pytorch as pl
+
+    configure_lightning()
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule, model = build(cfg)
+    check_range(datamodule, model.autoencoder.likelihood)
+    model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    trainer = make_trainer(cfg)
+    if cfg.ckpt_path:
+        restore(model, load_checkpoint(cfg.ckpt_path), cfg.ckpt_path)  # a clear error before Lightning reads it
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    ckpt = next((cb for cb in trainer.checkpoint_callbacks if cb.monitor), None)  # the best-by-val/loss one
+    best = ckpt.best_model_path if ckpt else ""
+    # The tested checkpoint's monitored score (best val/loss): what `-m` searches optimize.
+    results = {ckpt.monitor: float(ckpt.best_model_score)} if best and ckpt.best_model_score is not None else {}
+    trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)
+    results |= {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/") and v.numel() == 1}
+    if trainer.is_global_zero:
+        write_json(out / "results.json", results)
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        for lg in trainer.loggers:
+            if isinstance(lg, TensorBoardLogger):
+                lg.log_hyperparams(hparams_of(cfg), metrics=results)
+        print(f"run directory: {out.resolve()}")
+        print(json.dumps(results, indent=2, sort_keys=True))
+    return results
+
+
+def hparams_of(cfg: DictConfig) -> dict:
+    """The choices and numbers that tell runs apart, flattened for TensorBoard's HParams view."""
+    from hydra.core.hydra_config import HydraConfig
+
+    flat = {}
+    if HydraConfig.initialized():
+        flat.update({f"choice/{k}": str(v) for k, v in HydraConfig.get().runtime.choices.items()
+                     if not k.startswith("hydra") and v is not None})
+    for group in ("model", "net", "data", "noise", "bottleneck", "penalty", "likelihood"):
+        node = OmegaConf.to_container(cfg[group], resolve=True) if cfg.get(group) else {}
+        for k, v in (node or {}).items():
+            if isinstance(v, (int, float, str, bool)) and not k.startswith("_"):
+                flat[f"{group}.{k}"] = v
+    return flat

@@ -1,0 +1,112 @@
+"""The Python API: load a run or a lone checkpoint, the same answers as the commands' files for any input
+form, latent arithmetic on a case with a known answer, training from Python."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import autoenc
+from autoenc.errors import UserError
+from conftest import FAST, autoenc as cli, train_run
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("api") / "ae"
+    train_run(run_dir, "model.latent_dim=5", "trainer.max_epochs=2")
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def model(run):
+    return autoenc.load(run, device="cpu")
+
+
+def test_load_from_a_run_directory_and_from_a_lone_checkpoint_give_the_same_model(run, model, tmp_path):
+    lone = tmp_path / "elsewhere.ckpt"  # no .hydra/ next to it: the config stored in the checkpoint is used
+    shutil.copy(run / "checkpoints" / "best.ckpt", lone)
+    other = autoenc.load(lone, device="cpu")
+    x = torch.rand(6, 1, 8, 8)
+    assert torch.equal(model.encode(x), other.encode(x))
+    assert model.latent_dim == 5 and model.shape == (1, 8, 8) and model.results["test/loss"] > 0
+
+
+def test_every_input_form_gives_the_same_codes(model, tmp_path):
+    grey = np.random.default_rng(0).integers(0, 256, (3, 8, 8), dtype=np.uint8)
+    paths = []
+    for i, g in enumerate(grey):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(g).save(paths[-1])
+    expected = model.encode(torch.from_numpy(grey).float().div(255)[:, None])
+    for form in (grey, torch.from_numpy(grey), [Image.fromarray(g) for g in grey], paths, [str(p) for p in paths], tmp_path):
+        assert torch.allclose(model.encode(form), expected, atol=1e-6), type(form)
+    assert isinstance(model.encode(grey, numpy=True), np.ndarray)
+    assert torch.allclose(model.encode(grey[0]), expected[:1], atol=1e-6)  # one example, without its batch axis
+
+
+def test_the_api_answers_what_the_commands_write(run, model, tmp_path):
+    ckpt = run / "checkpoints" / "best.ckpt"
+    x, y = model.split("test")
+    cli("encode", f"ckpt={ckpt}", f"out={tmp_path / 'codes.npz'}")
+    codes = np.load(tmp_path / "codes.npz")
+    assert np.allclose(codes["code"], model.encode(x, numpy=True), atol=1e-6)
+    assert np.array_equal(codes["label"], y.numpy())
+    cli("decode", f"ckpt={ckpt}", f"codes={tmp_path / 'codes.npz'}", f"out={tmp_path / 'decoded.npz'}")
+    assert np.allclose(np.load(tmp_path / "decoded.npz")["x_hat"], model.decode(codes["code"], numpy=True), atol=1e-6)
+    assert torch.allclose(model.decode(model.encode(x)), model.reconstruct(x), atol=1e-6)
+    cli("score", f"ckpt={ckpt}", f"out={tmp_path / 'score.csv'}")
+    written = np.load(tmp_path / "score.npz")
+    scores = model.score(x, numpy=True)
+    for column in ("mse", "recon_nll", "score"):
+        assert np.allclose(written[column], scores[column], rtol=1e-5)
+    x_hat = model.reconstruct(x[:3])
+    assert torch.allclose(model.score(x[:3])["mse"], (x_hat - model.input(x[:3])).pow(2).flatten(1).mean(1), atol=1e-7)
+
+
+def test_sampling_or_a_likelihood_without_a_prior_is_refused_in_one_line(model):
+    with pytest.raises(UserError, match="bottleneck=linear has no prior to sample from"):
+        model.sample(4)
+    with pytest.raises(UserError, match="no posterior and prior"):
+        model.log_likelihood(torch.rand(2, 1, 8, 8))
+    with pytest.raises(UserError, match=r"do not fit this model, which takes \(1, 8, 8\)"):
+        model.encode(torch.rand(2, 3, 8, 8))
+
+
+def test_an_attribute_vector_is_the_difference_of_class_mean_codes_and_moves_examples_along_it(tmp_path):
+    """Two classes of vectors that differ by a known direction d; an encoder and decoder made the identity:
+    the vector is d's sample estimate, and shifting an example of class 0 by strength s adds s·d."""
+    rng = np.random.default_rng(0)
+    d = np.zeros(6, np.float32)
+    d[2] = 3.0
+    x = rng.normal(0, 0.1, (400, 6)).astype(np.float32)
+    y = np.arange(400) % 2
+    x[y == 1] += d
+    np.savez(tmp_path / "two.npz", x=x, y=y)
+    train_run(tmp_path / "run", "data=array", f"data.path={tmp_path / 'two.npz'}", "net=mlp_shallow",
+              "likelihood=mse", "model.latent_dim=6", "trainer.max_epochs=1")
+    m = autoenc.load(tmp_path / "run", device="cpu")
+    with torch.no_grad():  # z = x and x̂ = z exactly
+        enc, dec = m.autoencoder.encoder[1], m.autoencoder.decoder[0]
+        enc.weight.copy_(torch.eye(6)), enc.bias.zero_(), dec.weight.copy_(torch.eye(6)), dec.bias.zero_()
+    x_tr, y_tr = m.split("train")
+    expected = x_tr[y_tr == 1].double().mean(0) - x_tr[y_tr == 0].double().mean(0)
+    vector = m.attribute(to=1, from_=0)
+    assert torch.allclose(vector.double(), expected, atol=1e-5) and abs(float(vector[2]) - 3.0) < 0.1
+    moved = m.shift(x[:3], vector, strengths=[0.0, 1.0, -2.0])
+    assert torch.allclose(moved[:, 1], torch.from_numpy(x[:3]) + vector, atol=1e-5)
+    assert torch.allclose(moved[:, 2], torch.from_numpy(x[:3]) - 2 * vector, atol=1e-5)
+    with pytest.raises(UserError, match="neither a label nor an attribute"):
+        m.attribute(to="Smiling")
+
+
+def test_train_from_python_returns_the_run_its_results_and_its_model(tmp_path):
+    done = autoenc.train([*FAST, "model.latent_dim=3"], run_dir=tmp_path / "py")
+    assert (tmp_path / "py" / "results.json").is_file() and (tmp_path / "py" / ".hydra" / "config.yaml").is_file()
+    assert done.results["test/loss"] > 0 and done.model.latent_dim == 3
+    with pytest.raises(UserError, match="model.latent_dim=0 is invalid"):
+        autoenc.train([*FAST, "model.latent_dim=0"], run_dir=tmp_path / "bad")
