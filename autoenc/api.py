@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from autoenc.errors import UserError
+from autoenc.errors import UserError, is_integer, require
 from autoenc.data import Rows
 from autoenc.runs import Run, load_run
 
@@ -156,6 +156,7 @@ class Model:
 
     def sample(self, n: int, seed: int = 0, numpy: bool = False):
         """n examples decoded from prior samples z ~ p(z) (a gaussian bottleneck)."""
+        require(is_integer(n) and n >= 1, "n", n, "a positive integer")
         g = torch.Generator(device=self.device).manual_seed(seed)
         out = self.autoencoder.sample(n, generator=g).cpu()
         return out.numpy() if numpy else out
@@ -185,6 +186,7 @@ class Model:
 
     def interpolate(self, a, b, steps: int = 10, numpy: bool = False):
         """Decoded straight latent paths from each example of `a` to the one of `b`: (N, steps, *shape)."""
+        require(is_integer(steps) and steps >= 2, "steps", steps, "an integer ≥ 2")
         za, zb = torch.as_tensor(self.encode(a)), torch.as_tensor(self.encode(b))
         if len(za) != len(zb):
             raise UserError(f"interpolate needs as many examples in a as in b ({len(za)} vs {len(zb)})")
@@ -204,6 +206,8 @@ class Model:
         from autoenc import metrics
         from autoenc.data import subset
 
+        require(is_integer(probe_examples) and probe_examples >= 1, "eval.probe_examples", probe_examples,
+                "a positive integer")
         module, dm = self.run.module, self.run.datamodule
         on = self.device
         trainer = pl.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False,

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autoenc.errors import is_number, require
+
 
 class Bernoulli(nn.Module):
     """p(x|z) = Bernoulli(sigmoid(logits)): binary cross-entropy, also the usual loss for [0, 1] pixels."""
@@ -28,6 +30,7 @@ class Gaussian(nn.Module):
 
     def __init__(self, sigma: float | None = None, bounded: bool = True):
         super().__init__()
+        require(sigma is None or (is_number(sigma) and sigma > 0), "likelihood.sigma", sigma, "null (learned) or a number > 0")
         self.bounded, self.bounds = bounded, (0.0, 1.0) if bounded else None
         log_sigma = torch.tensor(math.log(sigma) if sigma else 0.0)
         if sigma is None:

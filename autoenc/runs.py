@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from autoenc.errors import UserError
+from autoenc.errors import UserError, is_integer, require
 
 log = logging.getLogger("autoenc")
 
@@ -127,6 +127,9 @@ def make_trainer(cfg: DictConfig, *extra_callbacks):
     trainer.enable_progress_bar is on, as Lightning requires; no checkpoint callback that never saves)."""
     from lightning.pytorch.callbacks import ProgressBar as AnyProgressBar
 
+    epochs = cfg.trainer.get("max_epochs")
+    require(epochs in (None, -1) or (is_integer(epochs) and epochs >= 1), "trainer.max_epochs", epochs,
+            "a positive integer (or -1)")
     callbacks = [cb for cb in (instantiate(c) for c in cfg.callbacks.values() if c and not never_saves(c))
                  if cfg.trainer.enable_progress_bar or not isinstance(cb, AnyProgressBar)]
     loggers = [instantiate(c) for c in cfg.logger.values() if c] if cfg.logger else False
@@ -172,6 +175,8 @@ def find_checkpoint(path) -> Path:
 def load_run(path, iwae_samples: int | None = None, on: str | None = None) -> Run:
     """Rebuilds the model of a checkpoint (or of a run directory's best one) from its run's config and loads
     the weights (weights_only) and the data's standardization statistics stored with them."""
+    require(iwae_samples is None or (is_integer(iwae_samples) and iwae_samples >= 0), "eval.iwae_samples",
+            iwae_samples, "an integer ≥ 0")
     path = find_checkpoint(path)
     ckpt = load_checkpoint(path)
     # the run directory: the nearest folder above the checkpoint that holds the run's .hydra/

@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig
 
 from autoenc.api import Model, load
-from autoenc.errors import UserError
+from autoenc.errors import UserError, is_integer, require
 from autoenc.runs import write_json
 from autoenc.viz import picture, save_png, square
 
@@ -33,6 +33,7 @@ def load_model(cfg: DictConfig) -> Model:
     """The model of `ckpt=` (a checkpoint, or a run directory's best one)."""
     if not cfg.ckpt:
         raise UserError("name the checkpoint to use: ckpt=<run>/checkpoints/best.ckpt")
+    require(is_integer(cfg.n) and cfg.n >= 1, "n", cfg.n, "a positive integer")
     return load(cfg.ckpt, iwae_samples=cfg.eval.iwae_samples)
 
 
@@ -172,6 +173,7 @@ def decode(cfg: DictConfig) -> Path:
 
 def interpolate(cfg: DictConfig) -> Path:
     """Straight latent paths between pairs of images; with a prior, also a traversal of each dimension."""
+    require(is_integer(cfg.pairs) and cfg.pairs >= 1, "pairs", cfg.pairs, "a positive integer")
     model = load_model(cfg)
     needs_images(model, "interpolate")
     data = inputs(cfg, model)

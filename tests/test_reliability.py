@@ -141,3 +141,29 @@ def test_full_disk_is_one_line(monkeypatch, capsys):
         cli._task("train")(OmegaConf.create({}))
     assert exit_.value.code == 2
     assert "no space left on device writing /x/last.ckpt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target, setting, expected", [
+    ("autoenc.bottlenecks.TopK", {"k": 0}, "bottleneck.k=0 is invalid"),
+    ("autoenc.bottlenecks.Gaussian", {"beta": -1}, "bottleneck.beta=-1 is invalid"),
+    ("autoenc.corruption.Masking", {"p": 1.5}, "noise.p=1.5 is invalid"),
+    ("autoenc.penalties.KL", {"rho": 0}, "penalty.rho=0 is invalid"),
+    ("autoenc.likelihoods.Gaussian", {"sigma": 0}, "likelihood.sigma=0 is invalid"),
+])
+def test_objects_check_their_own_settings_when_built_from_python_too(target, setting, expected):
+    from hydra.utils import get_object
+
+    from autoenc.errors import UserError
+
+    with pytest.raises(UserError, match=expected.replace(".", r"\.")):
+        get_object(target)(**setting)
+
+
+def test_a_top_k_wider_than_the_code_is_refused_where_the_autoencoder_is_built():
+    from autoenc.bottlenecks import TopK
+    from autoenc.core import Autoencoder
+    from autoenc.errors import UserError
+    from autoenc.nets import mlp
+
+    with pytest.raises(UserError, match="bottleneck.k=9 is invalid: it must be an integer from 1 to model.latent_dim"):
+        Autoencoder(mlp, (1, 4, 4), latent_dim=8, bottleneck=TopK(k=9))
