@@ -273,7 +273,7 @@ def attribute(cfg: DictConfig) -> Path:
     name = f"attribute_{source}_to_{cfg.to}"
     rows = [torch.cat([found["input"][i:i + 1], found["shifted"][i]]) for i in range(len(found["input"]))]
     shares = " ".join(f"{s:+g}: {p:.0%}" for s, p in zip(strengths, found["share_to"]))
-    title = f"{source} → {cfg.to}: input, then strengths {strengths[0]:+g} … {strengths[-1]:+g}; probe says {cfg.to}: {shares}"
+    title = f"{source} -> {cfg.to}; columns: input, {', '.join(f'{s:+g}' for s in strengths)}; a probe says {cfg.to}: {shares}"
     path = save_png(picture(rows, [f"#{int(i)}" for i in found["examples"]], title=title),
                     out_path(cfg, model, f"{name}.png"))
     summary = {"from": cfg["from"], "to": cfg.to, "strengths": strengths, "share_to": found["share_to"],

@@ -3,6 +3,7 @@ form, latent arithmetic on a case with a known answer, training from Python."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -12,7 +13,7 @@ from PIL import Image
 
 import autoenc
 from autoenc.errors import UserError
-from conftest import FAST, autoenc as cli, train_run
+from conftest import FAST, autoenc as cli, one_line_error, train_run
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +111,16 @@ def test_train_from_python_returns_the_run_its_results_and_its_model(tmp_path):
     assert done.results["test/loss"] > 0 and done.model.latent_dim == 3
     with pytest.raises(UserError, match="model.latent_dim=0 is invalid"):
         autoenc.train([*FAST, "model.latent_dim=0"], run_dir=tmp_path / "bad")
+
+
+def test_the_attribute_command_writes_its_grid_and_how_far_the_examples_moved(run, tmp_path):
+    cli("attribute", f"ckpt={run}", "from=1", "to=7", "strengths=[0,1,2]", "n=4", f"out={tmp_path / 'a.png'}",
+        "eval.probe_examples=500")
+    found = json.loads((tmp_path / "a.json").read_text())
+    assert found["from"] == 1 and found["to"] == 7 and found["strengths"] == [0.0, 1.0, 2.0]
+    assert len(found["share_to"]) == 3 and all(0 <= s <= 1 for s in found["share_to"])
+    x, y = autoenc.load(run, device="cpu").split("test")
+    assert len(found["examples"]) == 4 and all(int(y[i]) == 1 for i in found["examples"])
+    assert Image.open(tmp_path / "a.png").size[0] > 4 * 64  # input + 3 strengths, tiles ≥ 64 px
+    line = one_line_error(cli("attribute", f"ckpt={run}", "to=Smiling", check=False))
+    assert "'Smiling' is neither a label nor an attribute of this data" in line
