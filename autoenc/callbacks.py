@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.profilers import PassThroughProfiler
 from torchvision.utils import make_grid
 
 from autoenc.errors import UserError
@@ -180,3 +182,50 @@ class SafetyNet(Callback):
             kept = f"the last good checkpoint is kept: {self.last}" if self.last.is_file() else "no checkpoint was saved yet"
             raise UserError(f"the training loss became {losses[first].item()} at step {steps[first]} (epoch "
                             f"{trainer.current_epoch}); lower model.optimizer.lr or check the data; {kept}")
+
+
+class Bundle(Callback):
+    """Callbacks that keep no state, dispatched by Lightning as one: Lightning calls every hook of every
+    callback at every step (six per-step hooks, each dispatch about 16–26 Python calls whether or not the
+    callback acts then), so one bundle of three costs a third; each hook goes on only to the callbacks
+    that define it, in their order. `share` lets another callback (the progress bar) carry the bundle."""
+
+    def __init__(self, callbacks):
+        self.callbacks = share(self, callbacks)
+
+
+def share(host: Callback, callbacks) -> list:
+    """Makes `host` also dispatch each hook to those of `callbacks` that define it, after its own; returns them."""
+    callbacks = list(callbacks)
+    for name in {name for cb in callbacks for name in _own_hooks(cb)}:
+        own = [getattr(host, name)] if name in _own_hooks(host) else []
+        setattr(host, name, _fan_out(own + [getattr(cb, name) for cb in callbacks if name in _own_hooks(cb)]))
+    return callbacks
+
+
+def _own_hooks(callback: Callback) -> set[str]:
+    """The hooks a callback's class overrides (Lightning's Callback defines them all as no-ops)."""
+    return {name for name in vars(Callback) if name.startswith(("on_", "setup", "teardown"))
+            and getattr(type(callback), name) is not getattr(Callback, name)}
+
+
+def _fan_out(targets):
+    if len(targets) == 1:
+        return targets[0]
+
+    def hook(*args, **kwargs):
+        for target in targets:
+            target(*args, **kwargs)
+
+    return hook
+
+
+class NoProfiler(PassThroughProfiler):
+    """Lightning's pass-through profiler without its per-action generator: `profile()` returns one shared
+    null context (about 7 fewer Python calls for each hook Lightning dispatches); trainer.profiler=simple
+    or advanced still gets Lightning's own."""
+
+    _null = contextlib.nullcontext()
+
+    def profile(self, action_name: str):
+        return self._null

@@ -124,16 +124,31 @@ def never_saves(node) -> bool:
 
 def make_trainer(cfg: DictConfig, *extra_callbacks):
     """The Trainer a config describes, with its callbacks and loggers (the progress bar only when
-    trainer.enable_progress_bar is on, as Lightning requires; no checkpoint callback that never saves)."""
+    trainer.enable_progress_bar is on, as Lightning requires; no checkpoint callback that never saves).
+    autoenc's own callbacks and the model summary, which keep no state, reach Lightning as one callback
+    (carried by the progress bar where there is one); without a profiler asked for, NoProfiler."""
+    from lightning.pytorch.callbacks import ModelSummary
     from lightning.pytorch.callbacks import ProgressBar as AnyProgressBar
+
+    from autoenc.callbacks import Bundle, NoProfiler, ProgressBar, share
 
     epochs = cfg.trainer.get("max_epochs")
     require(epochs in (None, -1) or (is_integer(epochs) and epochs >= 1), "trainer.max_epochs", epochs,
             "a positive integer (or -1)")
-    callbacks = [cb for cb in (instantiate(c) for c in cfg.callbacks.values() if c and not never_saves(c))
-                 if cfg.trainer.enable_progress_bar or not isinstance(cb, AnyProgressBar)]
+    made = [cb for cb in (instantiate(c) for c in cfg.callbacks.values() if c and not never_saves(c))
+            if cfg.trainer.enable_progress_bar or not isinstance(cb, AnyProgressBar)]
+    bar = next((cb for cb in made if isinstance(cb, ProgressBar)), None)
+    ours = [cb for cb in made if type(cb).__module__.startswith("autoenc.") and cb is not bar]
+    ours += [ModelSummary()] if cfg.trainer.get("enable_model_summary", True) else []
+    callbacks = [cb for cb in made if cb not in ours]
+    if bar is not None:
+        bar.callbacks = share(bar, ours)
+    elif ours:
+        callbacks.append(Bundle(ours))
     loggers = [instantiate(c) for c in cfg.logger.values() if c] if cfg.logger else False
-    return instantiate(cfg.trainer, callbacks=callbacks + list(extra_callbacks), logger=loggers)
+    profiler = {} if cfg.trainer.get("profiler") else {"profiler": NoProfiler()}
+    return instantiate(cfg.trainer, callbacks=callbacks + list(extra_callbacks), logger=loggers,
+                       enable_model_summary=False, **profiler)
 
 
 

@@ -24,5 +24,6 @@ class CtrlC(Callback):
 
     def on_train_batch_end(self, trainer, *args):
         if trainer.global_step == self.step:
-            safety = next(cb for cb in trainer.callbacks if type(cb).__name__ == "SafetyNet")
+            every = [c for cb in trainer.callbacks for c in getattr(cb, "callbacks", [cb])]  # bundles opened
+            safety = next(cb for cb in every if type(cb).__name__ == "SafetyNet")
             safety._ask_to_stop(signal.SIGINT, None)
