@@ -33,11 +33,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     results |= {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/") and v.numel() == 1}
     if trainer.is_global_zero:
         write_json(out / "results.json", results)
-        from lightning.pytorch.loggers import TensorBoardLogger
+        from autoenc.loggers import log_run
 
-        for lg in trainer.loggers:
-            if isinstance(lg, TensorBoardLogger):
-                lg.log_hyperparams(hparams_of(cfg), metrics=results)
+        log_run(trainer.loggers, hparams_of(cfg), cfg, results)
         print(f"run directory: {out.resolve()}")
         print(json.dumps(results, indent=2, sort_keys=True))
     return results
