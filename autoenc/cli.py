@@ -11,10 +11,9 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from autoenc.paths import CONFIGS
+
 _ARGV0 = sys.argv[0]  # the program as started (the `autoenc` script or autoenc/__main__.py)
-_PKG = Path(__file__).resolve().parent
-# Installed wheel: autoenc/configs; checkout (editable install): ../configs.
-CONFIGS = next(p for p in (_PKG / "configs", _PKG.parent / "configs") if p.is_dir())
 
 # command: (config name, "module:function" run with the composed config, one-line description)
 COMMANDS = {

@@ -9,6 +9,7 @@ import inspect
 from omegaconf import DictConfig, OmegaConf
 
 from autoenc.errors import UserError
+from autoenc.paths import CONFIGS
 
 
 def _int(lo: int, hi_key: str | None = None):
@@ -135,8 +136,6 @@ def check_keys(node, path: str = "") -> None:
 def check_pair(bottleneck_cfg, penalty_cfg) -> None:
     """Refuses a penalty that needs what the bottleneck's codes are not, naming the bottlenecks that fit."""
     from hydra.utils import instantiate
-
-    from autoenc.cli import CONFIGS
 
     bottleneck, penalty = instantiate(bottleneck_cfg), instantiate(penalty_cfg)
     if penalty.accepts(bottleneck):
