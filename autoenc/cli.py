@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
     from omegaconf.errors import OmegaConfBaseException
 
     extra = [a for d in config_dirs()[1:] for a in ("--config-dir", str(d))]  # searched after CONFIGS
-    sys.argv = [f"autoenc {command}", *extra, f"hydra.help.app_name=autoenc {command}", *rest]
+    sys.argv = [f"autoenc {command}", *extra, *rest]
+    os.environ["AUTOENC_COMMAND"] = command  # the name tool.yaml's help shows
     # Hydra then raises composition errors (unknown option or key, bad override) to us, and we
     # print them as one line; the user's own HYDRA_FULL_ERROR=1 still gets the traceback.
     os.environ.setdefault("AUTOENC_USER_FULL_ERROR", os.environ.get("HYDRA_FULL_ERROR", "0"))
