@@ -333,7 +333,7 @@ def train(overrides: list[str] | tuple[str, ...] = (), run_dir: str | Path | Non
     from omegaconf import OmegaConf, open_dict
 
     from autoenc.cli import set_threads
-    from autoenc.cli import CONFIGS
+    from autoenc.paths import CONFIGS
     from autoenc.schema import validate
     from autoenc.training import train as fit
 

@@ -6,30 +6,44 @@ import errno
 import importlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-_ARGV0 = sys.argv[0]  # the program as started (the `autoenc` script or autoenc/__main__.py)
-_PKG = Path(__file__).resolve().parent
-# Installed wheel: autoenc/configs; checkout (editable install): ../configs.
-CONFIGS = next(p for p in (_PKG / "configs", _PKG.parent / "configs") if p.is_dir())
+from autoenc.paths import CONFIGS, config_dirs
 
-# command: (config name, "module:function" run with the composed config, one-line description)
-COMMANDS = {
-    "train": ("train", "autoenc.training:train", "train a model (default: undercomplete AE on the embedded 8×8 digits)"),
-    "evaluate": ("use", "autoenc.use:evaluate", "test figures vs the PCA baseline and linear probes → evaluation.json"),
-    "sample": ("use", "autoenc.use:sample", "a grid of images sampled from the prior (gaussian bottleneck)"),
-    "reconstruct": ("use", "autoenc.use:reconstruct", "input | reconstruction rows from a split or input=DIR"),
-    "denoise": ("use", "autoenc.use:denoise", "clean | noisy | denoised rows (noise= to choose the corruption)"),
-    "encode": ("use", "autoenc.use:encode", "latent codes of a split or input= (in order, with paths or indices) → .npz"),
-    "decode": ("use", "autoenc.use:decode", "examples decoded from codes=<encode's .npz> → .npz (+ a grid for images)"),
-    "interpolate": ("use", "autoenc.use:interpolate", "decoded latent paths between image pairs (+ traversal with a prior)"),
-    "attribute": ("use", "autoenc.use:attribute", "latent arithmetic: add the from= → to= attribute vector at strengths → grid + .json"),
-    "score": ("use", "autoenc.use:score", "per-example anomaly scores (+ ROC-AUC with normal=[labels]) → .csv/.npz/.png"),
-    "compare": ("compare", "autoenc.compare:compare", "one table (+ CSV, bar chart) of runs' overrides and figures"),
-}
+_ARGV0 = sys.argv[0]  # the program as started (the `autoenc` script or autoenc/__main__.py)
+
+
+def commands() -> dict[str, Path]:
+    """Each command's YAML, <configs>/command/<command>.yaml, from CONFIGS (which wins a clash), then
+    AUTOENC_CONFIG_DIR: `train` first, then by name."""
+    found: dict[str, Path] = {}
+    for root in config_dirs():
+        if not root.is_dir():
+            _fail(f"AUTOENC_CONFIG_DIR={root} is not a directory; point it at a folder of configs (with command/)")
+        for f in sorted((root / "command").glob("*.yaml")):
+            found.setdefault(f.stem, f)
+    return dict(sorted(found.items(), key=lambda item: (item[0] != "train", item[0])))
+
+
+def function(path: str):
+    """The function a command's `run: module:function` names, or a UserError saying it is not one."""
+    from autoenc.errors import UserError
+
+    module, _, name = str(path).partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name, None)
+    except ModuleNotFoundError as e:
+        if module != e.name and not module.startswith(f"{e.name}."):
+            raise  # the module exists; something it imports is missing
+        fn = None
+    if not callable(fn):
+        raise UserError(f"run={path} is not a function: name one as module:function")
+    return fn
+
 
 USAGE = """usage: autoenc <command> [key=value ...] [--help] [-m]
 
@@ -56,7 +70,8 @@ def _full_error() -> bool:
 
 
 def _task(command: str):
-    """The function Hydra runs for `command`: user mistakes become one line and exit code 2."""
+    """What Hydra runs for `command`: the function its config's `run` names; user mistakes become one line
+    and exit code 2."""
 
     def task(cfg):
         from hydra.errors import InstantiationException
@@ -65,13 +80,15 @@ def _task(command: str):
         from autoenc.errors import UserError
         from autoenc.schema import validate
 
-        module, function = COMMANDS[command][1].split(":")
         env = dict(os.environ)
         _relaunchable(command)
         try:
+            if "run" not in cfg:
+                raise UserError(f"command/{command}.yaml names no function; add `run: module:function` to it")
+            _refuse_added_keys(cfg, command)
             validate(cfg)
             set_threads(cfg.get("threads"))
-            return _objective(cfg, getattr(importlib.import_module(module), function)(cfg))
+            return _objective(cfg, function(cfg.run)(cfg))
         except (UserError, InstantiationException, OmegaConfBaseException) as e:
             if _full_error():
                 raise
@@ -88,6 +105,24 @@ def _task(command: str):
             _end_distributed(env)
 
     return task
+
+
+def _refuse_added_keys(cfg, command: str) -> None:
+    """`+key=value` adds a top-level key the command's config lacks, so nothing would read it: refused.
+    (`++key=value`, Hydra's force-add, is left alone; keys below the top are schema.validate's.)"""
+    from hydra.core.hydra_config import HydraConfig
+
+    from autoenc.errors import UserError
+
+    if not HydraConfig.initialized():
+        return
+    choices = HydraConfig.get().runtime.choices
+    for override in HydraConfig.get().overrides.task:
+        key = override[1:].split("=")[0]
+        added = override.startswith("+") and not override.startswith("++")
+        if added and "." not in key and "/" not in key and key not in choices:
+            keys = ", ".join(k for k in cfg if k not in ("run", "about", key))
+            raise UserError(f"{override}: `autoenc {command}` has no key {key}; its keys are: {keys}")
 
 
 def set_threads(threads) -> None:
@@ -209,30 +244,41 @@ def _objective(cfg, results):
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from omegaconf import OmegaConf
+
+    found = commands()
     if not argv or argv[0] in ("-h", "--help", "help"):
-        width = max(map(len, COMMANDS))
-        print(USAGE.format(commands="\n".join(f"  {k:<{width}}  {d}" for k, (*_, d) in COMMANDS.items())))
+        width = max(map(len, found))
+        about = {k: OmegaConf.load(f).get("about", "") for k, f in found.items()}
+        print(USAGE.format(commands="\n".join(f"  {k:<{width}}  {d}" for k, d in about.items())))
         return
     command, rest = argv[0], argv[1:]
-    if command not in COMMANDS:
-        _fail(f"unknown command {command!r}; choose one of: {', '.join(COMMANDS)}")
+    if command not in found:
+        _fail(f"unknown command {command!r}; choose one of: {', '.join(found)}")
+    if not found[command].read_text().startswith("# @package _global_"):
+        _fail(f"{found[command]} must start with the line `# @package _global_`: it is the command's root config")
     import hydra
 
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    config_name = COMMANDS[command][0]
-    sys.argv = [f"autoenc {command}", *rest]
+    extra = [a for d in config_dirs()[1:] for a in ("--config-dir", str(d))]  # searched after CONFIGS
+    sys.argv = [f"autoenc {command}", *extra, *rest]
+    os.environ["AUTOENC_COMMAND"] = command  # the name tool.yaml's help shows
     # Hydra then raises composition errors (unknown option or key, bad override) to us, and we
     # print them as one line; the user's own HYDRA_FULL_ERROR=1 still gets the traceback.
     os.environ.setdefault("AUTOENC_USER_FULL_ERROR", os.environ.get("HYDRA_FULL_ERROR", "0"))
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
-        hydra.main(version_base="1.3", config_path=str(CONFIGS), config_name=config_name)(_task(command))()
+        hydra.main(version_base="1.3", config_path=str(CONFIGS), config_name=f"command/{command}")(_task(command))()
     except (HydraException, OmegaConfBaseException) as e:
         if _full_error():
             raise
-        _fail(f"{str(e).split('Config search path')[0]} (see `autoenc {command} --help`)")
+        message = str(e).split("Config search path")[0]
+        top = re.match(r"Could not override '(\w+)'\.", message)  # a top-level key: Hydra's `+` hint would not help
+        if top:
+            message = f"Could not override '{top[1]}': `autoenc {command}` has no key {top[1]}"
+        _fail(f"{message} (see `autoenc {command} --help`)")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import inspect
 from omegaconf import DictConfig, OmegaConf
 
 from autoenc.errors import UserError, is_integer, require
+from autoenc.paths import config_dirs
 
 
 def _int(lo: int):
@@ -111,13 +112,11 @@ def check_pair(bottleneck_cfg, penalty_cfg) -> None:
     """Refuses a penalty that needs what the bottleneck's codes are not, naming the bottlenecks that fit."""
     from hydra.utils import instantiate
 
-    from autoenc.cli import CONFIGS
-
     bottleneck, penalty = instantiate(bottleneck_cfg), instantiate(penalty_cfg)
     if penalty.accepts(bottleneck):
         return
-    fits = [f.stem for f in sorted((CONFIGS / "bottleneck").glob("*.yaml"))
-            if penalty.accepts(instantiate(OmegaConf.load(f)))]
+    options = {f.stem: f for d in reversed(config_dirs()) for f in (d / "bottleneck").glob("*.yaml")}
+    fits = [name for name, f in sorted(options.items()) if penalty.accepts(instantiate(OmegaConf.load(f)))]
     name = type(bottleneck).__name__.lower()
     raise UserError(f"penalty={type(penalty).__name__.lower()} needs {penalty.needs}, which bottleneck={name} "
                     f"does not give; choose bottleneck={'|'.join(fits)}, or another penalty")

@@ -33,7 +33,8 @@ def load_model(cfg: DictConfig) -> Model:
     """The model of `ckpt=` (a checkpoint, or a run directory's best one)."""
     if not cfg.ckpt:
         raise UserError("name the checkpoint to use: ckpt=<run>/checkpoints/best.ckpt")
-    require(is_integer(cfg.n) and cfg.n >= 1, "n", cfg.n, "a positive integer")
+    n = cfg.get("n", 1)
+    require(is_integer(n) and n >= 1, "n", n, "a positive integer")
     return load(cfg.ckpt, iwae_samples=cfg.eval.iwae_samples)
 
 

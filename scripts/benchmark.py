@@ -115,7 +115,7 @@ def compose(args, family: str, out_dir: str):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from autoenc.cli import CONFIGS
+    from autoenc.paths import CONFIGS
 
     overrides = [f"data={args.data}", f"data.batch_size={args.batch_size}", *FAMILIES[family],
                  f"trainer.max_steps={args.warmup + args.steps + COUNTED}", f"trainer.precision={args.precision}",

@@ -32,7 +32,7 @@ def data_problem(data: str) -> str | None:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from autoenc.cli import CONFIGS
+    from autoenc.paths import CONFIGS
     from autoenc.errors import UserError
 
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):

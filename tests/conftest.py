@@ -29,7 +29,7 @@ def compose(*overrides: str, run_dir: Path | str = "unused", fast: bool = True):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from autoenc.cli import CONFIGS
+    from autoenc.paths import CONFIGS
 
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         return hydra_compose("train", overrides=[*(FAST if fast else []), *overrides, f"paths.output_dir={run_dir}"])

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from autoenc.cli import CONFIGS
 from autoenc.errors import UserError
+from autoenc.paths import CONFIGS
 from autoenc.schema import validate
 from conftest import FAST, cli_error, compose, rebuilt, train_here
 

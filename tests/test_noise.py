@@ -6,9 +6,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from autoenc.cli import CONFIGS
 from autoenc.corruption import gaussian, masking, salt_pepper
 from autoenc.data import to_unit
+from autoenc.paths import CONFIGS
 from autoenc.runs import build
 
 X = torch.full((64, 1, 50, 50), 0.5)  # 160,000 pixels: a fraction's standard error is ≈ 0.001

@@ -135,10 +135,9 @@ def test_full_disk_is_one_line(monkeypatch, capsys):
     module = type(sys)("tests_full_disk")
     module.boom = boom
     monkeypatch.setitem(sys.modules, "tests_full_disk", module)
-    monkeypatch.setitem(cli.COMMANDS, "train", ("train", "tests_full_disk:boom", ""))
     monkeypatch.setattr(cli, "_relaunchable", lambda command: None)  # outside a Hydra run
     with pytest.raises(SystemExit) as exit_:
-        cli._task("train")(OmegaConf.create({}))
+        cli._task("train")(OmegaConf.create({"run": "tests_full_disk:boom"}))
     assert exit_.value.code == 2
     assert "no space left on device writing /x/last.ckpt" in capsys.readouterr().err
 

@@ -35,14 +35,14 @@ def vae(tmp_path_factory):
 
 
 def use(command: str, *overrides: str):
-    """Runs a command in-process on the composed `use` config (the CLI's own path is tested separately)."""
+    """Runs a command in-process on its composed config (the CLI's own path is tested separately)."""
     from hydra import compose, initialize_config_dir
 
     from autoenc import use as commands
-    from autoenc.cli import CONFIGS
+    from autoenc.paths import CONFIGS
 
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
-        return getattr(commands, command)(compose("use", overrides=list(overrides)))
+        return getattr(commands, command)(compose(f"command/{command}", overrides=list(overrides)))
 
 
 def run_of(ckpt):

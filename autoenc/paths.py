@@ -1,0 +1,16 @@
+"""Where the Hydra config tree is: the package's own, then the directory AUTOENC_CONFIG_DIR names."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_PKG = Path(__file__).resolve().parent
+# Installed wheel: autoenc/configs; checkout (editable install): ../configs.
+CONFIGS = next(p for p in (_PKG / "configs", _PKG.parent / "configs") if p.is_dir())
+
+
+def config_dirs() -> list[Path]:
+    """CONFIGS, then AUTOENC_CONFIG_DIR if it is set: where a config is looked for, in that order."""
+    extra = os.environ.get("AUTOENC_CONFIG_DIR")
+    return [CONFIGS, *([Path(extra).expanduser().resolve()] if extra else [])]
