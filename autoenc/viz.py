@@ -34,17 +34,30 @@ def picture(rows: list[torch.Tensor], labels: list[str] | None = None, frames: t
     from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
     font = _font()
-    margin = 8 + max((int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(t, font=font)) for t in labels or [""]))
-    top = 22 if title else 0
+    width = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength
+    margin = 8 + max((int(width(t, font=font)) for t in labels or [""]))
+    lines = _wrap(title, lambda t: width(t, font=font), grid.shape[2] + (margin if labels else 0) - 8) if title else []
+    top = 4 + 18 * len(lines) if lines else 0
     canvas = Image.new("RGB", (grid.shape[2] + (margin if labels else 0), grid.shape[1] + top), "white")
     canvas.paste(to_pil_image(grid), (margin if labels else 0, top))
     draw = ImageDraw.Draw(canvas)
-    if title:
-        draw.text((4, 4), title, fill="black", font=font)
+    for i, line in enumerate(lines):
+        draw.text((4, 4 + 18 * i), line, fill="black", font=font)
     row_height = tiles.shape[-2] + 2
     for i, label in enumerate(labels or []):
         draw.text((4, top + 2 + i * row_height + row_height // 2 - 7), label, fill="black", font=font)
     return pil_to_tensor(canvas).float() / 255
+
+
+def _wrap(text: str, width, limit: float) -> list[str]:
+    """Words of `text` in lines no wider than `limit` pixels (a longer word keeps a line of its own)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and width(f"{lines[-1]} {word}") <= limit:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
 
 
 def _font():
