@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.profilers import PassThroughProfiler
 from torchvision.utils import make_grid
 
-from autoenc.errors import UserError
+from autoenc.errors import Interrupt, UserError
 from autoenc.viz import decoder_features, fixed_examples, image_loggers, picture, publish, square
 
 
@@ -120,6 +120,7 @@ class SafetyNet(Callback):
         self.stopping, self._handler = False, None
 
     def _ask_to_stop(self, signum, frame):
+        Interrupt.pressed = True
         if self.stopping:
             raise KeyboardInterrupt
         self.stopping = True
@@ -165,12 +166,14 @@ class SafetyNet(Callback):
         trainer.save_checkpoint(self.last, weights_only=False)
         print(f"interrupted at step {trainer.global_step}; saved {self.last}; "
               f"resume with: autoenc train ckpt_path={self.last}", flush=True)
+        Interrupt.reported = True
         raise KeyboardInterrupt
 
     def on_exception(self, trainer, pl_module, exception):
         if isinstance(exception, KeyboardInterrupt) and not self.stopping:
             print(f"interrupted at step {trainer.global_step}; last checkpoint: "
                   f"{self.last if self.last.is_file() else 'none'}", flush=True)
+            Interrupt.reported = True
 
     def check(self, trainer) -> None:
         if not self._losses:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import atexit
 import errno
 import importlib
 import json
 import os
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from autoenc.errors import Interrupt
 from autoenc.paths import CONFIGS, config_dirs
 
 _ARGV0 = sys.argv[0]  # the program as started (the `autoenc` script or autoenc/__main__.py)
@@ -82,6 +86,8 @@ def _task(command: str):
 
         env = dict(os.environ)
         _relaunchable(command)
+        Interrupt.pressed = Interrupt.reported = False
+        handler = signal.signal(signal.SIGINT, _pressed) if threading.current_thread() is threading.main_thread() else None
         try:
             if "run" not in cfg:
                 raise UserError(f"command/{command}.yaml names no function; add `run: module:function` to it")
@@ -101,10 +107,33 @@ def _task(command: str):
                 raise
             _fail(f"no space left on device writing {e.filename or 'the run directory'}; free some space or "
                   "point hydra.run.dir= at another disk")
+        except KeyboardInterrupt:
+            _interrupted(command)
+        except SystemExit as e:  # Lightning ends a fit or test that Ctrl-C stopped with exit code 1
+            if e.code == 1 and Interrupt.pressed:
+                _interrupted(command)
+            raise
         finally:
+            if handler is not None:
+                signal.signal(signal.SIGINT, handler)
             _end_distributed(env)
 
     return task
+
+
+def _pressed(signum, frame) -> None:
+    """Ctrl-C outside training (SafetyNet has its own handler while a model trains)."""
+    Interrupt.pressed = True
+    raise KeyboardInterrupt
+
+
+def _interrupted(command: str) -> None:
+    """Ctrl-C: one line saying what was saved (training's SafetyNet has said it already), exit code 130."""
+    if not Interrupt.reported:
+        _remove_stub_run_dir()
+        print(f"autoenc: interrupted: `autoenc {command}` stopped before it finished and wrote nothing more",
+              file=sys.stderr, flush=True)
+    sys.exit(130)
 
 
 def _refuse_added_keys(cfg, command: str) -> None:
@@ -154,7 +183,7 @@ def _remove_stub_run_dir() -> None:
     out = Path(HydraConfig.get().runtime.output_dir)
     entries = list(out.iterdir()) if out.is_dir() else []
     hydra_files = list((out / ".hydra").iterdir()) if (out / ".hydra").is_dir() else []
-    if all(e.name == ".hydra" or e.suffix == ".log" for e in entries) and all(f.suffix == ".yaml" for f in hydra_files):
+    if all(e.name in (".hydra", ".lock") or e.suffix == ".log" for e in entries) and all(f.suffix == ".yaml" for f in hydra_files):
         shutil.rmtree(out, ignore_errors=True)
 
 
@@ -201,6 +230,41 @@ def _end_distributed(env: dict[str, str]) -> None:
     os.environ.update(env)
 
 
+class RunDirectory(Callback):
+    """A run directory belongs to one run. Before Hydra writes into it: a resume (`ckpt_path=` a checkpoint
+    of a run, no hydra.run.dir given) goes back into that run's directory; a directory that another live
+    run holds (its `.lock`) or that already holds a run's results or checkpoints is refused in one line,
+    unless this is a resume of that run or `overwrite=true`; the lock is held until the run ends."""
+
+    lock: Path | None = None
+
+    def on_run_start(self, config, **kwargs) -> None:
+        from omegaconf import read_write
+
+        from autoenc.errors import UserError
+        from autoenc.runs import claim, run_dir_of
+
+        if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
+            return  # a further DDP rank: rank 0 holds the directory
+        ckpt = config.get("ckpt_path")
+        given = any(o.startswith("hydra.run.dir=") for o in config.hydra.overrides.hydra)
+        if ckpt and not given and run_dir_of(ckpt) is not None:
+            with read_write(config.hydra.run):
+                config.hydra.run.dir = str(run_dir_of(ckpt))
+        out = Path(str(config.hydra.run.dir)).absolute()
+        try:
+            self.lock = claim(out, ckpt, bool(config.get("overwrite")), " ".join(sys.argv[1:]))
+        except UserError as e:  # Hydra turns a callback's exception into a warning: stop here instead
+            if _full_error():
+                raise SystemExit(f"autoenc: error: {e}") from e
+            _fail(str(e))
+        atexit.register(self.lock.unlink, missing_ok=True)  # also when the run ends in an error
+
+    def on_run_end(self, config, **kwargs) -> None:
+        if self.lock is not None:
+            self.lock.unlink(missing_ok=True)
+
+
 class SweepSummary(Callback):
     """After `-m`: one line per job (its optimized metric, or its error) and the search's best trial."""
 
@@ -227,6 +291,11 @@ class SweepSummary(Callback):
             lines.append(f"best trial ({best}): {name}={found.get('best_value')} with "
                          + " ".join(f"{k}={v}" for k, v in found.get("best_params", {}).items()))
         print("\n".join(lines), flush=True)
+        failed = [job.name for job in jobs if (job / "error.txt").is_file()]
+        if failed:  # after every job has run: the sweep as a whole did not succeed
+            print(f"autoenc: error: {len(failed)} of {len(jobs)} jobs failed (#{', #'.join(failed)}); "
+                  f"see error.txt in each", file=sys.stderr, flush=True)
+            sys.exit(1)
 
 
 def _objective(cfg, results):
@@ -259,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"{found[command]} must start with the line `# @package _global_`: it is the command's root config")
     import hydra
 
-    from hydra.errors import HydraException
+    from hydra.errors import HydraException, OverrideParseException
     from omegaconf.errors import OmegaConfBaseException
 
     extra = [a for d in config_dirs()[1:] for a in ("--config-dir", str(d))]  # searched after CONFIGS
@@ -269,8 +338,21 @@ def main(argv: list[str] | None = None) -> None:
     # print them as one line; the user's own HYDRA_FULL_ERROR=1 still gets the traceback.
     os.environ.setdefault("AUTOENC_USER_FULL_ERROR", os.environ.get("HYDRA_FULL_ERROR", "0"))
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    from autoenc.errors import UserError
+
     try:
         hydra.main(version_base="1.3", config_path=str(CONFIGS), config_name=f"command/{command}")(_task(command))()
+    except UserError as e:  # raised before the job started (the run directory's checks)
+        if _full_error():
+            raise
+        _fail(str(e))
+    except OverrideParseException as e:
+        if _full_error():
+            raise
+        bad = next((a for a in rest if a in str(e)), str(e).splitlines()[0])
+        key, _, value = bad.partition("=")
+        _fail(f"cannot parse {bad!r}: a value with spaces or other special characters must be quoted for Hydra, "
+              f"inside the shell's quotes: '{key}=\"{value}\"'")
     except (HydraException, OmegaConfBaseException) as e:
         if _full_error():
             raise

@@ -18,3 +18,10 @@ def is_number(v) -> bool:
 
 def is_integer(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+class Interrupt:
+    """Ctrl-C in this process: whether it was pressed, and whether a line has already said what was saved."""
+
+    pressed = False
+    reported = False

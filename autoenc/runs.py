@@ -28,6 +28,11 @@ def configure_lightning() -> None:
                     ".*was configured so 100% of the batches.*"):
         warnings.filterwarnings("ignore", message=pattern)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    if logging.getLogger().handlers:  # the root logs (Hydra's console and file): one copy of each message
+        for name in ("lightning", "lightning.pytorch"):  # each adds its own console handler on import
+            for handler in list(logging.getLogger(name).handlers):
+                logging.getLogger(name).removeHandler(handler)
+            logging.getLogger(name).propagate = True
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
 
 
@@ -62,6 +67,11 @@ def load_checkpoint(path) -> dict:
     p = Path(str(path))
     if not p.is_file():
         raise UserError(f"checkpoint {p} does not exist; give the path of a .ckpt file in a run's checkpoints/")
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    if magic[:2] != b"PK" and magic[:1] != b"\x80":  # torch.save writes a zip archive (or, before 1.6, a pickle)
+        raise UserError(f"{p} is not a checkpoint (a .ckpt file that `autoenc train` wrote); give one from a "
+                        "run's checkpoints/, or the run directory")
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -151,6 +161,51 @@ def make_trainer(cfg: DictConfig, *extra_callbacks):
                        enable_model_summary=False, **profiler)
 
 
+
+
+def run_dir_of(ckpt) -> Path | None:
+    """The run directory a checkpoint belongs to: the nearest folder above it that holds a run's .hydra/."""
+    path = Path(str(ckpt)).expanduser().absolute()
+    return next((d for d in path.parents if (d / ".hydra").is_dir()), None)
+
+
+def claim(out: Path, ckpt_path, overwrite: bool, command: str) -> Path:
+    """Takes the run directory `out` for this run: refuses, in one line, a directory another live run is
+    writing (its .lock, created exclusively) and one that holds another run's results or checkpoints
+    (unless `ckpt_path` resumes that run, or `overwrite`); returns the lock's path."""
+    held = [name for name, there in (("results.json", (out / "results.json").is_file()),
+                                     ("checkpoints", any((out / "checkpoints").glob("*.ckpt")))) if there]
+    if held and not overwrite and not (ckpt_path and run_dir_of(ckpt_path) == out):
+        raise UserError(f"{out} already holds a run ({' and '.join(held)}); resume it with "
+                        f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}, choose another hydra.run.dir=, or "
+                        "add overwrite=true to train over it")
+    lock = out / ".lock"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                with open(lock, "x") as f:  # exclusive: of two runs started together, one gets it
+                    f.write(f"{os.getpid()}\n{command}\n")
+                return lock
+            except FileExistsError:
+                pid, _, holder = lock.read_text().partition("\n")
+                if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+                    raise UserError(f"{out} is being written by another run (process {pid}: autoenc "
+                                    f"{holder.strip()}); wait for it, or choose another hydra.run.dir=") from None
+                lock.unlink(missing_ok=True)  # left by a run that was killed (or by this process)
+    except OSError as e:
+        raise UserError(f"cannot write the run directory {out} ({e.strerror}); choose another hydra.run.dir=") from None
+    raise UserError(f"cannot take the run directory {out}: its .lock keeps reappearing; choose another hydra.run.dir=")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass

@@ -34,7 +34,7 @@ GROUPS = ("model", "data", "net", "noise", "bottleneck", "penalty", "likelihood"
 # when it is built (autoenc.errors.require).
 RULES = {
     "data.batch_size": (_int(1), "a positive integer"),
-    "data.val_fraction": (_num(0, 1), "a fraction in [0, 1)"),
+    "data.val_fraction": (lambda v, cfg: _num(0, 1)(v, cfg) and v < 1, "a fraction in [0, 1)"),
     "data.test_fraction": (_num(0, 1, open_lo=True), "a fraction in (0, 1)"),
     "data.binarize": (_one_of(None, "static", "dynamic"), "null, static or dynamic"),
     "data.size": (_int(1), "a positive integer"),

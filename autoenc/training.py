@@ -7,6 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from autoenc.errors import UserError
 from autoenc.runs import build, check_range, configure_lightning, load_checkpoint, make_trainer, restore, write_json
 
 
@@ -19,6 +20,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, model = build(cfg)
+    if not len(datamodule.splits["train"][0]):
+        raise UserError("the training split is empty (data.classes, data.val_fraction or the data itself leave "
+                        "no example to train on); nothing was trained")
     check_range(datamodule, model.autoencoder.likelihood)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     trainer = make_trainer(cfg)

@@ -155,10 +155,14 @@ def decode(cfg: DictConfig) -> Path:
         raise UserError("name the codes to decode: codes=<file>.npz (as `autoenc encode` writes)")
     src = Path(str(cfg.codes)).expanduser()
     try:
-        with np.load(src) as z:
-            arrays = dict(z)
+        loaded = np.load(src)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read codes={src}: {e}") from None
+    if isinstance(loaded, np.ndarray):  # a .npy of codes alone
+        arrays = {"code": loaded}
+    else:
+        with loaded:
+            arrays = dict(loaded)
     code = arrays.get("code")
     if code is None or code.ndim != 2 or code.shape[1] != model.latent_dim:
         raise UserError(f"codes={src} needs an array `code` of shape (N, {model.latent_dim}); "
@@ -181,10 +185,12 @@ def interpolate(cfg: DictConfig) -> Path:
     pairs = min(cfg.pairs, len(data.x) // 2)
     if pairs < 1:
         raise UserError("interpolate needs at least two images")
+    if pairs < cfg.pairs:
+        print(f"{data.source} has {len(data.x)} images: {pairs} pairs, not {cfg.pairs}")
     a, b = model.input(data.x[:pairs]).cpu(), model.input(data.x[pairs:2 * pairs]).cpu()
     paths = model.interpolate(data.x[:pairs], data.x[pairs:2 * pairs], cfg.steps)
     path = save_png(picture([torch.cat([a[i:i + 1], paths[i], b[i:i + 1]]) for i in range(pairs)]),
-                    out_path(cfg, model, f"interpolate_{data.source}.png"))
+                    out_path(cfg, model, f"interpolate_{data.source}_pairs{pairs}_steps{cfg.steps}.png"))
     if model.autoencoder.bottleneck.stochastic:
         d = model.latent_dim
         z0 = model.encode(data.x[:1])[0]

@@ -81,7 +81,7 @@ def test_checkpoint_crafted_to_run_code_is_refused(tmp_path, capsys):
 
 @pytest.mark.parametrize("content, expected", [
     (lambda good: good[: len(good) // 2], "truncated or not a checkpoint"),
-    (lambda good: b"hello, not a checkpoint", "truncated or not a checkpoint"),
+    (lambda good: b"hello, not a checkpoint", "is not a checkpoint (a .ckpt file that `autoenc train` wrote)"),
 ])
 def test_truncated_or_foreign_checkpoint(tmp_path, capsys, trained, content, expected):
     bad = tmp_path / "bad.ckpt"
@@ -166,3 +166,79 @@ def test_a_top_k_wider_than_the_code_is_refused_where_the_autoencoder_is_built()
 
     with pytest.raises(UserError, match="bottleneck.k=9 is invalid: it must be an integer from 1 to model.latent_dim"):
         Autoencoder(mlp, (1, 4, 4), latent_dim=8, bottleneck=TopK(k=9))
+
+
+def test_a_run_directory_belongs_to_one_run(tmp_path, capsys):
+    """Another live run's lock, or another run's results, refuse a second run into the directory in one line;
+    a resume of that run, or overwrite=true, goes ahead."""
+    import subprocess
+
+    run = tmp_path / "run"
+    train_run = ["train", f"hydra.run.dir={run}", *FAST]
+    from conftest import cli_here
+
+    cli_here(*train_run)
+    before = (run / "results.json").read_text()
+    line = cli_error(capsys, *train_run, "model=vae")
+    assert line == (f"autoenc: error: {run} already holds a run (results.json and checkpoints); resume it with "
+                    f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}, choose another hydra.run.dir=, or add "
+                    "overwrite=true to train over it")
+    assert (run / "results.json").read_text() == before and not (run / "samples.png").exists()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / ".lock").write_text(f"{holder.pid}\ntrain model=ae\n")
+        line = cli_error(capsys, *train_run, "overwrite=true")
+        assert f"is being written by another run (process {holder.pid}: autoenc train model=ae)" in line
+    finally:
+        holder.kill()
+        holder.wait()
+    cli_here(*train_run, "model=vae", "overwrite=true")  # the holder is gone: its lock is stale
+    assert (run / "samples.png").exists() and not (run / ".lock").exists()
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a directory")
+    assert "cannot write the run directory" in cli_error(capsys, "train", f"hydra.run.dir={blocked / 'run'}", *FAST)
+
+
+def test_resuming_a_run_goes_back_into_its_directory_without_lightning_warnings(tmp_path):
+    run = tmp_path / "run"
+    autoenc("train", f"hydra.run.dir={run}", *FAST)
+    proc = autoenc("train", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", *FAST, "trainer.max_epochs=2",
+                   cwd=tmp_path)
+    assert f"run directory: {run}" in proc.stdout and not (tmp_path / "outputs").exists()
+    assert "dirpath has changed" not in proc.stderr + proc.stdout
+
+
+def test_settings_that_would_train_on_nothing_are_refused_before_anything_runs(tmp_path, capsys):
+    line = cli_error(capsys, "train", f"hydra.run.dir={tmp_path / 'run'}", "data.val_fraction=1.0")
+    assert "data.val_fraction=1.0 is invalid: it must be a fraction in [0, 1)" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named_as_such(tmp_path, capsys):
+    from PIL import Image
+
+    Image.new("L", (4, 4)).save(tmp_path / "picture.png")
+    line = cli_error(capsys, "sample", f"ckpt={tmp_path / 'picture.png'}")
+    assert line.startswith(f"autoenc: error: {tmp_path / 'picture.png'} is not a checkpoint")
+    line = cli_error(capsys, "sample", f"ckpt={tmp_path}")
+    assert "is a directory without checkpoints/best.ckpt or last.ckpt" in line
+
+
+def test_a_value_hydra_cannot_parse_gets_the_quoting_that_works(capsys):
+    line = cli_error(capsys, "train", "data.path=/data/my imgs ü")
+    assert line.endswith("""inside the shell's quotes: 'data.path="/data/my imgs ü"'""")
+
+
+def test_ctrl_c_outside_training_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    import autoenc.use
+    from conftest import cli_here
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(autoenc.use, "evaluate", interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        cli_here("evaluate", f"ckpt={tmp_path / 'x.ckpt'}")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 130
+    assert err == ["autoenc: interrupted: `autoenc evaluate` stopped before it finished and wrote nothing more"]

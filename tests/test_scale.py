@@ -86,7 +86,9 @@ def test_ddp_multirun_keeps_each_run_and_its_hparams_when_one_fails(tmp_path):
     sweep = tmp_path / "sweep"
     proc = autoenc("train", "-m", f"hydra.sweep.dir={sweep}", "model.latent_dim=2,3,0", "trainer=ddp_cpu",
                    "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1",
-                   "trainer.limit_test_batches=1", *QUIET)
+                   "trainer.limit_test_batches=1", *QUIET, check=False)
+    assert proc.returncode == 1  # after every job ran: the sweep did not succeed as a whole
+    assert proc.stderr.strip().splitlines()[-1] == "autoenc: error: 1 of 3 jobs failed (#2); see error.txt in each"
     for job, dim in (("0", 2), ("1", 3)):
         assert (sweep / job / "train_ddp_process_1.log").is_file()  # each job started its own second rank
         results = json.loads((sweep / job / "results.json").read_text())

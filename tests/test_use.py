@@ -168,6 +168,9 @@ def test_decode_of_encode_is_the_models_reconstruction(ae, tmp_path):
     with torch.no_grad():
         assert np.allclose(decoded["x_hat"], model(x).numpy(), atol=1e-5)
     assert (decoded["label"] == y.numpy()).all() and (tmp_path / "decoded.png").is_file()
+    np.save(tmp_path / "bare.npy", data["code"])  # a .npy of codes alone decodes the same
+    bare = np.load(use("decode", f"ckpt={ae[0]}", f"codes={tmp_path / 'bare.npy'}", f"out={tmp_path / 'bare.npz'}"))
+    assert np.array_equal(bare["x_hat"], decoded["x_hat"])
 
 
 def test_decode_refuses_codes_of_another_size(ae, tmp_path):
