@@ -25,7 +25,8 @@ def configure_lightning() -> None:
                     ".*Checkpoint directory .* exists and is not empty.*",
                     ".*The number of training batches .* is smaller than the logging interval.*",
                     ".*when logging on epoch level in distributed setting.*", ".*litlogger.*",
-                    ".*was configured so 100% of the batches.*"):
+                    ".*was configured so 100% of the batches.*", ".*could not find the monitored key.*",
+                    ".*dirpath has changed from.*", ".*across ranks is zero.*"):
         warnings.filterwarnings("ignore", message=pattern)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     if logging.getLogger().handlers:  # the root logs (Hydra's console and file): one copy of each message

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("autoenc")
 
 from autoenc.errors import UserError
 from autoenc.runs import build, check_range, configure_lightning, load_checkpoint, make_trainer, restore, write_json
@@ -24,6 +27,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         raise UserError("the training split is empty (data.classes, data.val_fraction or the data itself leave "
                         "no example to train on); nothing was trained")
     check_range(datamodule, model.autoencoder.likelihood)
+    if not len(datamodule.splits["val"][0]):
+        log.warning("no validation split (data.val_fraction=0): no best.ckpt is chosen and the test uses the "
+                    "final weights (last.ckpt)")
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     trainer = make_trainer(cfg)
     if cfg.ckpt_path:

@@ -109,3 +109,20 @@ def test_every_command_applies_threads_before_it_works(tmp_path, capsys):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(1)
+
+
+def test_output_to_a_file_gets_plain_progress_lines_not_bar_redraws(tmp_path):
+    proc = autoenc("train", f"hydra.run.dir={tmp_path / 'run'}", "trainer.max_epochs=2", "trainer.limit_train_batches=5",
+                   "trainer.limit_val_batches=1", "trainer.limit_test_batches=1")
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("epoch ")]
+    assert [line.split("  ")[:2] for line in lines] == [["epoch 1/2", "step 5/5"], ["epoch 2/2", "step 5/5"]]
+    assert "train/loss_step" in lines[0] and lines[0].endswith("steps/s")
+    assert "\r" not in proc.stdout + proc.stderr and proc.stdout.count("Total params") == 1
+
+
+def test_no_validation_split_is_said_in_one_autoenc_line_not_lightning_warnings(tmp_path):
+    proc = autoenc("train", f"hydra.run.dir={tmp_path / 'run'}", "data.val_fraction=0", "trainer.max_epochs=1",
+                   "trainer.limit_train_batches=3", "trainer.limit_test_batches=1")
+    said = proc.stdout + proc.stderr
+    assert "no validation split (data.val_fraction=0): no best.ckpt is chosen" in said
+    assert "monitored key" not in said and "Warning" not in said and "test/loss" in said
