@@ -50,7 +50,7 @@ def test_progress_bar_redraws_by_time_and_at_the_end_of_each_pass(monkeypatch):
 
     # the override is live only while Lightning's bar asks _should_update before each redraw
     assert "self._should_update(" in inspect.getsource(TQDMProgressBar.on_train_batch_end)
-    bar = ProgressBar(refresh_interval=10.0)
+    bar = ProgressBar(refresh_interval=10.0, lines=False)  # the bar drawn on a terminal
     clock = iter([100.0, 105.0, 111.0, 112.0])
     monkeypatch.setattr(autoenc.callbacks.time, "monotonic", lambda: next(clock))
     assert [bar._should_update(n, 50) for n in (1, 2, 3, 50)] == [True, False, True, True]
