@@ -245,18 +245,20 @@ class Model:
         """Which examples of a split carry `name`: a class label (y == name), or an attribute of the data
         (e.g. CelebA's Smiling) where the data module names them."""
         x, y = self.split(split)
-        attributes = getattr(self.run.datamodule, "attributes", None)
-        table = attributes(split) if callable(attributes) else {}
-        if str(name) in table:
-            return torch.as_tensor(table[str(name)]).bool().cpu()
+        names = list(getattr(self.run.datamodule, "attribute_names", []) or []) if y.dim() == 2 else []
+        if names:  # attributes as label columns (CelebA with data.target=all)
+            if str(name) not in names:
+                raise UserError(f"{name!r} is not an attribute of this data; use one of: {', '.join(names)}")
+            return y[:, names.index(str(name))] > 0
+        labels = sorted(set(y.flatten().tolist()))
         try:
             label = int(name)
         except (TypeError, ValueError):
-            names = ", ".join(sorted(table)) if table else "the class labels " + ", ".join(map(str, sorted(set(y.tolist()))))
-            raise UserError(f"{name!r} is neither a label nor an attribute of this data; use one of: {names}") from None
+            raise UserError(f"{name!r} is neither a label nor an attribute of this data; its labels are "
+                            f"{', '.join(map(str, labels))} (CelebA's attributes by name need data.target=all)") from None
         found = y == label
         if not found.any():
-            raise UserError(f"no {split} example has label {label}; the labels are {sorted(set(y.tolist()))}")
+            raise UserError(f"no {split} example has label {label}; the labels are {', '.join(map(str, labels))}")
         return found
 
     def attribute(self, to, from_=None, split: str = "train") -> torch.Tensor:
