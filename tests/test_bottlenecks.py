@@ -105,3 +105,49 @@ def test_importance_weights_are_log_prior_minus_log_posterior():
     expected = Normal(0.0, 1.0).log_prob(z).sum(-1) - q.log_prob(z).sum(-1)
     assert z.shape == (5, 3, 2)
     torch.testing.assert_close(log_w, expected)
+
+
+def split_figures_of(bottleneck, code: torch.Tensor) -> dict:
+    from autoenc.metrics import SplitStatistics
+
+    stats = SplitStatistics()
+    stats.update(code, bottleneck.active(code), torch.zeros(len(code), 1), torch.zeros(len(code), 1))
+    return stats.figures(bottleneck)
+
+
+@pytest.mark.parametrize("bottleneck", [ReLU(), TopK(k=1)], ids=lambda b: type(b).__name__)
+def test_a_relu_or_topk_unit_is_dead_only_when_it_is_never_non_zero(bottleneck):
+    code = torch.zeros(50, 4)
+    code[7, 1], code[:, 2] = 1e-6, 0.5  # unit 1 fires once, barely; 2 always; 0 and 3 never
+    figures = split_figures_of(bottleneck, code)
+    assert figures["dead_fraction"].item() == 0.5 and figures["dead_threshold"].item() == 0.0
+
+
+def test_a_sigmoid_unit_under_kl_is_dead_when_it_never_exceeds_the_target_rate():
+    from autoenc.core import Autoencoder
+    from autoenc.nets import mlp
+    from autoenc.penalties import KL
+
+    model = Autoencoder(mlp, (1, 4, 4), 4, Sigmoid(), penalty=KL(rho=0.01))
+    code = torch.full((100, 4), 0.009)
+    code[:, 0] = 0.011  # every example a little above ρ: firing near its target rate
+    code[::10, 1] = 0.5  # one example in ten: mean rate 0.058
+    figures = split_figures_of(model.bottleneck, code)
+    assert figures["dead_fraction"].item() == 0.5 and figures["dead_threshold"].item() == pytest.approx(0.01)
+    assert figures["mean_rate"].item() == pytest.approx(code.mean().item())
+    assert figures["target_rate"].item() == pytest.approx(0.01)
+    # without a target rate the sigmoid fires above 0.1, or above the threshold given
+    assert split_figures_of(Sigmoid(), code)["dead_fraction"].item() == 0.75
+    assert split_figures_of(Sigmoid(threshold=0.01), code)["dead_fraction"].item() == 0.5
+
+
+def test_a_linear_code_has_no_dead_units_and_a_gaussian_reports_active_units():
+    assert "dead_fraction" not in split_figures_of(Linear(), torch.randn(20, 3))
+    g = Gaussian()
+    g.setup(3)
+    from autoenc.metrics import SplitStatistics
+
+    stats = SplitStatistics()
+    mean = torch.stack([torch.linspace(-1, 1, 40), torch.zeros(40), 0.01 * torch.randn(40)], 1)
+    stats.update(mean, None, torch.zeros(40, 1), torch.zeros(40, 1))
+    assert stats.figures(g)["active_units"].item() == 1.0
