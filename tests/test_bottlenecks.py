@@ -151,3 +151,23 @@ def test_a_linear_code_has_no_dead_units_and_a_gaussian_reports_active_units():
     mean = torch.stack([torch.linspace(-1, 1, 40), torch.zeros(40), 0.01 * torch.randn(40)], 1)
     stats.update(mean, None, torch.zeros(40, 1), torch.zeros(40, 1))
     assert stats.figures(g)["active_units"].item() == 1.0
+
+
+def test_topk_standardize_chooses_the_k_by_running_per_unit_statistics():
+    b = TopK(k=1, standardize=0.5)
+    b.setup(2)
+    first = torch.tensor([[10.0, 0.0], [12.0, 2.0]])  # unit 0 larger on every example
+    b.train()
+    b(first)  # the first batch sets the statistics: mean (11, 1), std (1, 1)
+    torch.testing.assert_close(b.offset, torch.tensor([11.0, 1.0]))
+    torch.testing.assert_close(b.scale, torch.tensor([1.0, 1.0]))
+    second = torch.tensor([[13.0, 3.0], [9.0, 1.0]])  # batch mean (11, 2), std (2, 1)
+    code = b(second).code
+    torch.testing.assert_close(b.offset, torch.tensor([11.0, 1.5]))
+    torch.testing.assert_close(b.scale, torch.tensor([1.5, 1.0]))
+    # standardized by the updated statistics: (1.33, 1.5) and (−1.33, −0.5): unit 1 wins both, ReLU'd
+    torch.testing.assert_close(code, torch.tensor([[0.0, 1.5], [0.0, 0.0]]))
+    b.eval()
+    before = b.offset.clone()
+    b(second)
+    torch.testing.assert_close(b.offset, before)  # evaluation leaves the statistics as they are
