@@ -47,7 +47,13 @@ class Bottleneck(nn.Module):
 
     def __init__(self, threshold: float | None = None):
         super().__init__()
+        require(threshold is None or is_number(threshold), "bottleneck.threshold", threshold, "null or a number")
         self.threshold = threshold  # a unit is active on an example when its code exceeds this
+        self.rate: float | None = None  # the mean rate a penalty asks of each unit (KL sparsity's ρ), if any
+
+    def fires_above(self) -> float | None:
+        """The value a unit's code must exceed to fire (None: the code has no notion of firing)."""
+        return self.threshold
 
     @property
     def name(self) -> str:
@@ -77,7 +83,8 @@ class Bottleneck(nn.Module):
 
     def active(self, code: torch.Tensor) -> torch.Tensor | None:
         """Which units fire on each example, or None where the code has no such notion."""
-        return None if self.threshold is None else code > self.threshold
+        cut = self.fires_above()
+        return None if cut is None else code > cut
 
     def terms(self, latent: Latent, step: Step) -> tuple[torch.Tensor | None, dict]:
         """The (weighted) term this bottleneck adds to the loss (None: none), and its named parts and
@@ -86,11 +93,18 @@ class Bottleneck(nn.Module):
         return None, {} if active is None else {"l0": active.sum(1).float().mean()}
 
     def split_figures(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Figures over a whole split from summed code statistics (n, sum, sq, active)."""
+        """Figures over a whole split from summed code statistics (n, sum, sq, active): a unit is dead when it
+        never fires on the split (never exceeds `dead_threshold`, logged with it); under a target rate ρ,
+        the achieved mean rate against it."""
+        figures = {}
+        if self.rate is not None:
+            rate = stats["sum"] / stats["n"]
+            figures |= {"mean_rate": rate.mean(), "target_rate": rate.new_tensor(self.rate)}
         if "active" not in stats:
-            return {}
+            return figures
         freq = stats["active"] / stats["n"]
-        return {"dead_fraction": (freq == 0).float().mean(), "activation_frequency": freq}
+        return {**figures, "dead_fraction": (freq == 0).float().mean(),
+                "dead_threshold": freq.new_tensor(self.fires_above()), "activation_frequency": freq}
 
     def prior_sample(self, n: int, generator=None, device=None) -> torch.Tensor:
         """n codes from the prior p(z)."""
@@ -123,12 +137,17 @@ class ReLU(Bottleneck):
 
 
 class Sigmoid(Bottleneck):
-    """z = sigmoid(h): rates in [0, 1] (KL sparsity; Rifai et al.'s contractive encoder)."""
+    """z = sigmoid(h): rates in [0, 1] (KL sparsity; Rifai et al.'s contractive encoder). A unit fires above
+    `threshold`; when null, above the penalty's target rate ρ (a dead unit never reaches the rate it is
+    asked to average), 0.1 without one."""
 
     bounds = (0.0, 1.0)
 
-    def __init__(self, threshold: float | None = 0.1):
+    def __init__(self, threshold: float | None = None):
         super().__init__(threshold)
+
+    def fires_above(self):
+        return self.threshold if self.threshold is not None else self.rate if self.rate is not None else 0.1
 
     def activation(self, h):
         return torch.sigmoid(h)
@@ -141,18 +160,41 @@ class TopK(ReLU):
     """The k largest of h per example, then ReLU; the rest zero (Makhzani & Frey 2013; Gao et al. 2024).
     AuxK (Gao et al. 2024, sec. 2.4): units that have not fired for `dead_window` training steps are
     dead; the aux_k largest of their pre-activations form an auxiliary code that must reconstruct the
-    residual the live code leaves, with weight `aux_coef`, which gives dead units gradient again."""
+    residual the live code leaves, with weight `aux_coef`, which gives dead units gradient again.
+    `standardize` (a momentum; 0: off): the k are chosen from h standardized per unit by running training
+    statistics, so that no unit loses every example to a larger offset or spread (README: dead units)."""
 
     def __init__(self, k: int = 8, threshold: float | None = 0.0, aux_k: int | None = None,
-                 aux_coef: float = 0.0, dead_window: int = 20):
+                 aux_coef: float = 0.0, dead_window: int = 20, standardize: float = 0.0):
         super().__init__(threshold)
         require(is_integer(k) and k >= 1, "bottleneck.k", k, "an integer from 1 to model.latent_dim")
+        require(is_number(standardize) and 0 <= standardize <= 1, "bottleneck.standardize", standardize,
+                "a momentum in [0, 1] (0: off)")
         self.k, self.aux_k, self.aux_coef, self.dead_window = k, aux_k, aux_coef, dead_window
+        self.standardize = standardize
 
     def setup(self, latent_dim):
         require(self.k <= latent_dim, "bottleneck.k", self.k, "an integer from 1 to model.latent_dim")
         # steps since each unit last fired in training (a buffer: checkpoints keep it, resume is exact)
         self.register_buffer("since_fired", torch.zeros(latent_dim, dtype=torch.long))
+        if self.standardize:  # each unit's running mean and standard deviation of h (only where used)
+            self.register_buffer("offset", torch.zeros(latent_dim))
+            self.register_buffer("scale", torch.ones(latent_dim))
+            self.register_buffer("started", torch.zeros((), dtype=torch.bool))
+
+    def forward(self, h, generator=None):
+        if self.standardize and self.training:
+            with torch.no_grad():
+                moments = torch.stack([h.detach().float().mean(0), h.detach().float().pow(2).mean(0)])
+                _mean_over_ranks(moments)
+                std = (moments[1] - moments[0] ** 2).clamp_min(1e-12).sqrt()
+                keep = self.standardize if self.started else 1.0
+                self.offset.lerp_(moments[0], keep)
+                self.scale.lerp_(std, keep)
+                self.started.fill_(True)
+        h = (h - self.offset.to(h.dtype)) / self.scale.to(h.dtype) if self.standardize else h
+        code = self.activation(h)
+        return Latent(code, code, h)
 
     def terms(self, latent, step):
         extra, figures = super().terms(latent, step)
@@ -250,6 +292,15 @@ def _any_over_ranks(flags: torch.Tensor) -> None:
         as_int = flags.int()
         dist.all_reduce(as_int, op=dist.ReduceOp.MAX)
         flags.copy_(as_int.bool())
+
+
+def _mean_over_ranks(values: torch.Tensor) -> None:
+    """In place: the mean over DDP ranks (all ranks then hold the same running statistics)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values)
+        values.div_(dist.get_world_size())
 
 
 def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

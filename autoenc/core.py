@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from autoenc.bottlenecks import Bottleneck, Latent, Linear, Step
-from autoenc.errors import UserError, require
+from autoenc.errors import UserError, is_number, require
 from autoenc.likelihoods import Bernoulli
 from autoenc.penalties import Penalty, jacobian_sq
 
@@ -32,10 +32,13 @@ class Autoencoder(nn.Module):
     Lightning: `out = model(x, model.corrupt(x, g)); out.loss.backward()`."""
 
     def __init__(self, net, shape, latent_dim: int = 16, bottleneck: Bottleneck | None = None,
-                 likelihood: nn.Module | None = None, noise=None, penalty: Penalty | None = None):
+                 likelihood: nn.Module | None = None, noise=None, penalty: Penalty | None = None,
+                 weight_penalty: float = 0.0):
         super().__init__()
         require(isinstance(latent_dim, int) and not isinstance(latent_dim, bool) and latent_dim >= 1,
                 "model.latent_dim", latent_dim, "a positive integer")
+        require(is_number(weight_penalty) and weight_penalty >= 0, "model.weight_penalty", weight_penalty, "a number ≥ 0")
+        self.weight_penalty = weight_penalty
         self.shape, self.latent_dim = tuple(shape), latent_dim
         self.bottleneck = bottleneck if bottleneck is not None else Linear()
         self.bottleneck.setup(latent_dim)
@@ -46,6 +49,7 @@ class Autoencoder(nn.Module):
         if not self.penalty.accepts(self.bottleneck):
             raise UserError(f"penalty={self.penalty.name} needs {self.penalty.needs}, which "
                             f"bottleneck={self.bottleneck.name} does not give")
+        self.bottleneck.rate = self.penalty.rate
 
     def corrupt(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """The encoder's input x̃: x with this model's noise (x itself without one)."""
@@ -75,11 +79,19 @@ class Autoencoder(nn.Module):
         extra, terms = self.bottleneck.terms(latent, step)
         jacobian = partial(self.jacobian_sq, x_tilde, latent.code) if self.penalty.needs_jacobian else None
         penalty, figures = self.penalty(latent.code, jacobian=jacobian, generator=generator)
+        decay = self.weight_penalty / 2 * sum(w.pow(2).sum() for w in self.weights()) if self.weight_penalty else None
         loss = recon
-        for term in (extra, penalty):  # only the terms that exist: no zeros added on every step
+        for term in (extra, penalty, decay):  # only the terms that exist: no zeros added on every step
             loss = loss if term is None else loss + term
-        parts = {"loss": loss, "recon": recon, **({} if penalty is None else {"penalty": penalty})}
+        parts = {"loss": loss, "recon": recon, **({} if penalty is None else {"penalty": penalty}),
+                 **({} if decay is None else {"weight_penalty": decay})}
         return Output(latent, logits, loss, {**parts, **terms, **figures})
+
+    def weights(self) -> list[torch.Tensor]:
+        """The weight matrices and kernels of the encoder and decoder (as the layers use them), without
+        biases, norms' scales or the likelihood's σ: what model.weight_penalty acts on."""
+        return [m.weight for m in (*self.encoder.modules(), *self.decoder.modules())
+                if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() >= 2]
 
     def jacobian_sq(self, x: torch.Tensor, code: torch.Tensor, method: str = "auto", projections: int = 1,
                     generator: torch.Generator | None = None) -> torch.Tensor:

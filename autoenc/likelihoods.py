@@ -57,3 +57,15 @@ class SquaredError(nn.Module):
 
     def mean(self, logits: torch.Tensor) -> torch.Tensor:
         return logits
+
+
+class Auto:
+    """likelihood=auto: the `bounded` likelihood's config for data in [0, 1], else the `unbounded` one's,
+    decided from the training split's range (runs.build resolves it before anything is built)."""
+
+    def __init__(self, bounded, unbounded):
+        self.bounded, self.unbounded = bounded, unbounded
+
+    def choose(self, value_range: tuple[float, float]):
+        lo, hi = value_range
+        return self.bounded if 0.0 <= lo and hi <= 1.0 else self.unbounded

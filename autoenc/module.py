@@ -41,13 +41,13 @@ class AutoencoderModule(pl.LightningModule):
     def __init__(self, net, shape, bottleneck=None, likelihood=None, latent_dim: int = 16, noise=None,
                  penalty: Penalty | None = None, optimizer=None, scheduler=None, lr_schedule=None,
                  iwae_samples: int = 0, iwae_chunk: int = 100, seed: int = 0, noise_seed: int = 1234,
-                 compile: bool = False):
+                 compile: bool = False, weight_penalty: float = 0.0):
         super().__init__()
         require(is_integer(iwae_samples) and iwae_samples >= 0, "model.iwae_samples", iwae_samples, "an integer ≥ 0")
         require(is_integer(iwae_chunk) and iwae_chunk >= 1, "model.iwae_chunk", iwae_chunk, "a positive integer")
         interval = (lr_schedule or {}).get("interval", "epoch")
         require(interval in ("step", "epoch"), "model.lr_schedule.interval", interval, "step or epoch")
-        self.autoencoder = Autoencoder(net, shape, latent_dim, bottleneck, likelihood, noise, penalty)
+        self.autoencoder = Autoencoder(net, shape, latent_dim, bottleneck, likelihood, noise, penalty, weight_penalty)
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-3)
         lr = getattr(self.optimizer_factory, "keywords", {}).get("lr", 1e-3)
         require(not is_number(lr) or lr > 0, "model.optimizer.lr", lr, "a number > 0")

@@ -18,6 +18,7 @@ class Penalty:
 
     needs = "any code"  # what the penalty needs of the bottleneck, in words (for refusals)
     needs_jacobian = False  # True: called with `jacobian`, the code's Jacobian norm per example
+    rate: float | None = None  # the mean rate asked of each unit (KL sparsity's ρ): the bottleneck's figures use it
 
     def __init__(self, weight: float = 0.0):
         require(is_number(weight) and weight >= 0, "penalty.weight", weight, "a number ≥ 0")
@@ -54,7 +55,7 @@ class KL(Penalty):
     def __init__(self, weight: float = 1.0, rho: float = 0.05):
         super().__init__(weight)
         require(is_number(rho) and 0 < rho < 1, "penalty.rho", rho, "a rate in (0, 1)")
-        self.rho = rho
+        self.rho = self.rate = rho
 
     def accepts(self, bottleneck):
         return not bottleneck.stochastic and bottleneck.bounds[0] >= 0 and bottleneck.bounds[1] <= 1

@@ -97,9 +97,23 @@ def restore(model, ckpt: dict, path) -> None:
 def build(cfg: DictConfig):
     """The data module and the LightningModule a config describes (the model built from the data's shape)."""
     datamodule = instantiate(cfg.data)
+    resolve_likelihood(cfg, datamodule)
     seams = {k: instantiate(cfg[k]) if cfg.get(k) else None for k in ("noise", "bottleneck", "penalty", "likelihood")}
     model = instantiate(cfg.model, net=instantiate(cfg.net), shape=datamodule.shape, **seams)
     return datamodule, model
+
+
+def resolve_likelihood(cfg: DictConfig, datamodule) -> None:
+    """likelihood=auto: replaces cfg.likelihood, in place, by the likelihood the training split's range
+    chooses (likelihoods.Auto), and says which in one line; the resolved config is what checkpoints store."""
+    from autoenc.likelihoods import Auto
+
+    chooser = instantiate(cfg.likelihood) if cfg.get("likelihood") else None
+    if isinstance(chooser, Auto):
+        lo, hi = datamodule.value_range()
+        cfg.likelihood = chooser.choose((lo, hi))
+        log.info(f"likelihood=auto: {cfg.likelihood._target_.rsplit('.', 1)[-1]} "
+                 f"(the training data spans [{lo:.4g}, {hi:.4g}])")
 
 
 def instantiate(node, **kwargs):
@@ -262,6 +276,8 @@ def load_run(path, iwae_samples: int | None = None, on: str | None = None) -> Ru
         raise UserError(f"{path} stores no config and {saved} is missing; use a checkpoint inside "
                         "the run directory that `autoenc train` wrote")
     run_cfg.paths.output_dir = str(run_dir)
+    if "likelihood" in ckpt.get("autoenc_config", {}):  # the likelihood the run resolved (likelihood=auto)
+        run_cfg.likelihood = ckpt["autoenc_config"]["likelihood"]
     if iwae_samples is not None:
         run_cfg.model.iwae_samples = iwae_samples
     configure_lightning()

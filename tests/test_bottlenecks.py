@@ -105,3 +105,69 @@ def test_importance_weights_are_log_prior_minus_log_posterior():
     expected = Normal(0.0, 1.0).log_prob(z).sum(-1) - q.log_prob(z).sum(-1)
     assert z.shape == (5, 3, 2)
     torch.testing.assert_close(log_w, expected)
+
+
+def split_figures_of(bottleneck, code: torch.Tensor) -> dict:
+    from autoenc.metrics import SplitStatistics
+
+    stats = SplitStatistics()
+    stats.update(code, bottleneck.active(code), torch.zeros(len(code), 1), torch.zeros(len(code), 1))
+    return stats.figures(bottleneck)
+
+
+@pytest.mark.parametrize("bottleneck", [ReLU(), TopK(k=1)], ids=lambda b: type(b).__name__)
+def test_a_relu_or_topk_unit_is_dead_only_when_it_is_never_non_zero(bottleneck):
+    code = torch.zeros(50, 4)
+    code[7, 1], code[:, 2] = 1e-6, 0.5  # unit 1 fires once, barely; 2 always; 0 and 3 never
+    figures = split_figures_of(bottleneck, code)
+    assert figures["dead_fraction"].item() == 0.5 and figures["dead_threshold"].item() == 0.0
+
+
+def test_a_sigmoid_unit_under_kl_is_dead_when_it_never_exceeds_the_target_rate():
+    from autoenc.core import Autoencoder
+    from autoenc.nets import mlp
+    from autoenc.penalties import KL
+
+    model = Autoencoder(mlp, (1, 4, 4), 4, Sigmoid(), penalty=KL(rho=0.01))
+    code = torch.full((100, 4), 0.009)
+    code[:, 0] = 0.011  # every example a little above ρ: firing near its target rate
+    code[::10, 1] = 0.5  # one example in ten: mean rate 0.058
+    figures = split_figures_of(model.bottleneck, code)
+    assert figures["dead_fraction"].item() == 0.5 and figures["dead_threshold"].item() == pytest.approx(0.01)
+    assert figures["mean_rate"].item() == pytest.approx(code.mean().item())
+    assert figures["target_rate"].item() == pytest.approx(0.01)
+    # without a target rate the sigmoid fires above 0.1, or above the threshold given
+    assert split_figures_of(Sigmoid(), code)["dead_fraction"].item() == 0.75
+    assert split_figures_of(Sigmoid(threshold=0.01), code)["dead_fraction"].item() == 0.5
+
+
+def test_a_linear_code_has_no_dead_units_and_a_gaussian_reports_active_units():
+    assert "dead_fraction" not in split_figures_of(Linear(), torch.randn(20, 3))
+    g = Gaussian()
+    g.setup(3)
+    from autoenc.metrics import SplitStatistics
+
+    stats = SplitStatistics()
+    mean = torch.stack([torch.linspace(-1, 1, 40), torch.zeros(40), 0.01 * torch.randn(40)], 1)
+    stats.update(mean, None, torch.zeros(40, 1), torch.zeros(40, 1))
+    assert stats.figures(g)["active_units"].item() == 1.0
+
+
+def test_topk_standardize_chooses_the_k_by_running_per_unit_statistics():
+    b = TopK(k=1, standardize=0.5)
+    b.setup(2)
+    first = torch.tensor([[10.0, 0.0], [12.0, 2.0]])  # unit 0 larger on every example
+    b.train()
+    b(first)  # the first batch sets the statistics: mean (11, 1), std (1, 1)
+    torch.testing.assert_close(b.offset, torch.tensor([11.0, 1.0]))
+    torch.testing.assert_close(b.scale, torch.tensor([1.0, 1.0]))
+    second = torch.tensor([[13.0, 3.0], [9.0, 1.0]])  # batch mean (11, 2), std (2, 1)
+    code = b(second).code
+    torch.testing.assert_close(b.offset, torch.tensor([11.0, 1.5]))
+    torch.testing.assert_close(b.scale, torch.tensor([1.5, 1.0]))
+    # standardized by the updated statistics: (1.33, 1.5) and (−1.33, −0.5): unit 1 wins both, ReLU'd
+    torch.testing.assert_close(code, torch.tensor([[0.0, 1.5], [0.0, 0.0]]))
+    b.eval()
+    before = b.offset.clone()
+    b(second)
+    torch.testing.assert_close(b.offset, before)  # evaluation leaves the statistics as they are

@@ -38,7 +38,7 @@ def test_unbounded_values_are_refused_by_a_bounded_likelihood(tmp_path):
     np.save(tmp_path / "v.npy", x)
     with pytest.raises(UserError, match=r"^the training data spans \[.*\], outside the \[0, 1\] that likelihood=bernoulli "
                                         r"models; use likelihood=mse or likelihood=gaussian likelihood.bounded=false$"):
-        train_here(tmp_path / "run", *FAST_ARRAY, f"data.path={tmp_path / 'v.npy'}")
+        train_here(tmp_path / "run", *FAST_ARRAY, f"data.path={tmp_path / 'v.npy'}", "likelihood=bernoulli")
 
 
 @pytest.mark.parametrize("layout", ["NHW", "NCHW"])
@@ -143,3 +143,19 @@ def test_mistakes_with_own_data_are_refused_in_one_line(tmp_path):
         use("reconstruct", ckpt)
     with pytest.raises(UserError, match=r"^normal=\[0, 1\] must name some but not all of the labels here"):
         use("score", ckpt, "normal=[0,1]")
+
+
+@pytest.mark.parametrize("unbounded, chosen", [(True, "SquaredError"), (False, "Bernoulli")])
+def test_likelihood_auto_picks_from_the_training_range_and_the_loaded_run_reproduces_it(tmp_path, unbounded, chosen):
+    import autoenc
+
+    x, _ = vectors()
+    x = x if unbounded else (x - x.min()) / (x.max() - x.min())
+    np.save(tmp_path / "v.npy", x)
+    train_here(tmp_path / "run", *FAST_ARRAY, f"data.path={tmp_path / 'v.npy'}")  # likelihood=auto, the default
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["autoenc_config"]["likelihood"]["_target_"] == f"autoenc.likelihoods.{chosen}"
+    (tmp_path / "run" / ".hydra").mkdir()  # the run directory as `autoenc train` leaves it: config says auto
+    (tmp_path / "run" / ".hydra" / "config.yaml").write_text((tmp_path / "run" / "config.yaml").read_text())
+    model = autoenc.load(tmp_path / "run")
+    assert type(model.autoencoder.likelihood).__name__ == chosen

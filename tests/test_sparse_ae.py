@@ -31,14 +31,16 @@ def test_decoder_columns_have_unit_norm_after_a_step_and_the_encoder_starts_as_i
     assert not torch.allclose(model.autoencoder.encoder[2].weight, decoder_weight(model).t())  # they train apart
 
 
-def fit_with_unit_0_killed(aux_coef: float, steps: int = 400):
-    """Trains after silencing unit 0 (its encoder row zero, its bias below zero: never among the top 2, so
-    without help it gets no gradient); returns how often it fires on the test set, and the model."""
+def fit_with_unit_0_killed(aux_coef: float, steps: int = 400, net: str = "sae"):
+    """Trains after silencing unit 0 (its row of the encoder's last layer zero, its bias below zero: never
+    among the top 2, so without help it gets no gradient); returns how often it fires on the test set, and
+    the model."""
     torch.manual_seed(0)
-    cfg = compose(*SAE, f"bottleneck.aux_coef={aux_coef}", "bottleneck.dead_window=30", fast=False)
+    cfg = compose(*SAE, f"net={net}", f"bottleneck.aux_coef={aux_coef}", "bottleneck.dead_window=30", fast=False)
     datamodule, model = build(cfg)
+    head = [m for m in model.autoencoder.encoder.modules() if isinstance(m, torch.nn.Linear)][-1]
     with torch.no_grad():
-        model.autoencoder.encoder[2].weight[0], model.autoencoder.encoder[2].bias[0] = 0.0, -0.1
+        head.weight[0], head.bias[0] = 0.0, -0.1
     pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0).fit(model, datamodule=datamodule)
     with torch.no_grad():
@@ -46,9 +48,10 @@ def fit_with_unit_0_killed(aux_coef: float, steps: int = 400):
     return (code[:, 0] > 0).float().mean().item(), model
 
 
-def test_auxk_brings_a_dead_unit_back_and_without_it_the_unit_stays_dead():
-    revived, model = fit_with_unit_0_killed(1 / 32)
-    stays, _ = fit_with_unit_0_killed(0.0)
+@pytest.mark.parametrize("net", ["sae", "mlp"])
+def test_auxk_brings_a_dead_unit_back_and_without_it_the_unit_stays_dead(net):
+    revived, model = fit_with_unit_0_killed(1 / 32, net=net)
+    stays, _ = fit_with_unit_0_killed(0.0, net=net)
     assert stays == 0.0
     assert revived > 0.0 and model.autoencoder.bottleneck.since_fired[0] < 30
 
