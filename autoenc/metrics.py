@@ -35,6 +35,9 @@ def probe_accuracy(train: torch.Tensor, train_y: torch.Tensor, test: torch.Tenso
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    if train_y.dim() == 2:  # several labels (CelebA's 40 attributes): the mean accuracy of one probe per column
+        return float(np.mean([probe_accuracy(train, train_y[:, j], test, test_y[:, j], max_train, seed)
+                              for j in range(train_y.shape[1])]))
     a, ya = flat(train), train_y.cpu().numpy()
     if max_train and len(a) > max_train:  # a seeded subset keeps the fit to seconds on large sets
         keep = np.random.default_rng(seed).choice(len(a), max_train, replace=False)
