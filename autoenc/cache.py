@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,15 +31,15 @@ def default_dir() -> Path:
     return Path(os.environ.get("AUTOENC_CACHE_DIR") or Path.home() / ".cache" / "autoenc").expanduser()
 
 
-def list_images(root: Path) -> list[Path]:
-    """Every image file under root (any depth), in sorted path order."""
-    if not root.is_dir():
+def list_images(root: Path) -> list[str]:
+    """Every image file under root (any depth), as paths in sorted order (by component, as pathlib sorts)."""
+    if not Path(root).is_dir():
         raise UserError(f"image folder {root} does not exist; give a folder of images")
-    found = [Path(d) / f for d, _, names in os.walk(root) for f in names
+    found = [os.path.join(d, f) for d, _, names in os.walk(root) for f in names
              if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES]
     if not found:
         raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {root}")
-    return sorted(found)
+    return sorted(found, key=lambda f: f.replace(os.sep, "\0"))  # "\0" sorts first: component by component
 
 
 def decode(path: str, size: tuple[int, int], channels: int, crop: tuple[int, int] | None = None) -> torch.Tensor:
@@ -56,7 +57,8 @@ def decode(path: str, size: tuple[int, int], channels: int, crop: tuple[int, int
         img = img.permute(2, 0, 1)
     if crop:
         img = F.center_crop(img, list(crop))
-    return F.resize(img, list(size), antialias=True)
+    # as one channels-last image: torch's fast uint8 path for antialiased resizing (1.3× here)
+    return F.resize(img[None].contiguous(memory_format=torch.channels_last), list(size), antialias=True)[0]
 
 
 class Decoding(torch.utils.data.Dataset):
@@ -95,7 +97,7 @@ class Cache:
         return int(self.images[0].nbytes) * len(self.valid)
 
 
-def fingerprint(files: list[Path], depends: list[Path], settings: dict) -> str:
+def fingerprint(files: list[str], depends: list[Path], settings: dict) -> str:
     """A hash of the decode settings and every file's name, size and modification time (no file is read)."""
     h = hashlib.sha256(json.dumps({**settings, "version": VERSION}, sort_keys=True).encode())
     for p in [*depends, *files]:
@@ -107,7 +109,7 @@ def fingerprint(files: list[Path], depends: list[Path], settings: dict) -> str:
     return h.hexdigest()[:24]
 
 
-def open_cache(files: list[Path], settings: dict, source: Path, cache_dir: str | Path | None = None,
+def open_cache(files: list[str], settings: dict, source: Path, cache_dir: str | Path | None = None,
                workers: int | None = None, depends: tuple[Path, ...] = (), extras=None) -> Cache:
     """The cache of these files decoded with these settings (size, channels, crop): opened if it exists and
     the files are unchanged, else built (one builder at a time; other processes wait and open it).
@@ -134,11 +136,12 @@ def open_cache(files: list[Path], settings: dict, source: Path, cache_dir: str |
 def load(target: Path) -> Cache:
     manifest = json.loads((target / "manifest.json").read_text())
     extras = dict(np.load(target / "extras.npz")) if (target / "extras.npz").is_file() else {}
-    return Cache(target, np.load(target / "images.npy", mmap_mode="r"), np.asarray(manifest["valid"], np.int64),
+    images = np.load(target / "images.npy", mmap_mode="c")  # copy-on-write: writable, so torch maps it as it is
+    return Cache(target, images, np.asarray(manifest["valid"], np.int64),
                  manifest["files"], extras)
 
 
-def build(files: list[Path], settings: dict, target: Path, workers: int | None, extras) -> None:
+def build(files: list[str], settings: dict, target: Path, workers: int | None, extras) -> None:
     """Decodes every file in `workers` processes (default: all cores) into target (written beside it, then
     renamed into place); unreadable files are left out with one warning naming them."""
     from tqdm import tqdm
@@ -161,7 +164,7 @@ def build(files: list[Path], settings: dict, target: Path, workers: int | None, 
                                          generator=torch.Generator())
     errors, start = [], time.perf_counter()
     with tqdm(total=len(files), unit="img", desc=f"decoding {len(files)} images once into {target.parent}",
-              dynamic_ncols=True) as bar:
+              dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30) as bar:
         for batch in loader:
             errors += [(bar.n + j, e) for j, e in enumerate(batch) if e]
             bar.update(len(batch))

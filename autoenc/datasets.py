@@ -4,6 +4,7 @@ once into a cache), your own arrays."""
 from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
 
 import numpy as np
@@ -106,13 +107,14 @@ class CIFAR10(TensorDataModule):
         return xtr, ytr, xte, yte
 
 
-STREAM_ABOVE = 4 * 2**30  # bytes: a larger decoded set is streamed from its cache, a smaller one held in memory
+STREAM_ABOVE = 4 * 2**30  # bytes: a larger decoded set is streamed from its cache, a smaller one may go to the GPU
 
 
 class Photos(TensorDataModule):
     """Images decoded once into an on-disk cache (autoenc.cache), keyed by the files and the decode settings
-    (size, crop, channels); then held in memory (on the device) if they fit, else streamed from the cache.
-    `stream`: auto (stream above 4 GiB), true or false."""
+    (size, crop, channels). `stream`: auto (a set up to 4 GiB held on the GPU when training there; else
+    batches read from the memory-mapped cache, which the page cache holds), true (always read from the
+    cache), false (always held in memory)."""
 
     def __init__(self, size: int = 64, channels: int = 3, crop: int | None = None, cache_dir: str | None = None,
                  decode_workers: int | None = None, stream: bool | str = "auto", **kw):
@@ -127,25 +129,42 @@ class Photos(TensorDataModule):
         return {"size": [self.size, self.size], "channels": self.channels,
                 "crop": [self.crop, self.crop] if self.crop else None}
 
-    def open(self, files: list[Path], source: Path, depends=(), extras=None) -> Rows | torch.Tensor:
-        """The decoded images of `files` (those that decoded: `self.cache.valid`), as Rows of the cache when
-        streamed, else as one uint8 tensor in memory."""
+    def open(self, files: list[str], source: Path, depends=(), extras=None) -> Rows:
+        """The decoded images of `files` (those that decoded: `self.cache.valid`), as Rows of the cache."""
         self.cache = cache.open_cache(files, self.settings(), source, self.cache_dir, self.decode_workers,
                                       depends, extras)
-        rows = Rows(self.cache.images, self.cache.valid)
-        if self.stream is True or self.stream == "auto" and self.cache.nbytes > STREAM_ABOVE:
-            return rows
-        return rows[np.arange(len(rows))]
+        return Rows(self.cache.images, self.cache.valid)
+
+    def load_splits(self):
+        return self.held(super().load_splits())
+
+    def held(self, splits: dict, device: torch.device = torch.device("cpu")) -> dict:
+        """The splits as Rows of the cache, or each gathered once into a uint8 tensor: with stream=false, and
+        with auto on a GPU when the set fits."""
+        fits = self.stream == "auto" and device.type != "cpu" and self.cache.nbytes <= STREAM_ABOVE
+        if self.stream is False or fits:
+            return {k: (hold(x) if isinstance(x, Rows) else x, y) for k, (x, y) in splits.items()}
+        return splits
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.on_device:
+            self._splits = self.held(self.splits, self._device())
+        super().setup(stage)
+
+
+def hold(rows: Rows) -> torch.Tensor:
+    """The rows of a cache as one tensor in memory, gathered straight from the mapped file."""
+    return torch.from_numpy(rows.array).view(len(rows.array), *rows.example_shape)[torch.from_numpy(rows.index)]
 
 
 def read_images(path: Path, size: int, channels: int, crop: int | None = None,
                 cache_dir: str | None = None) -> tuple[torch.Tensor, torch.Tensor, list[Path]]:
     """Every image under `path` in sorted path order, decoded (through the cache) at size × size: uint8
     (N, C, H, W), labels from sub-folder names, and the files (unreadable ones left out, with a warning)."""
-    reader = Photos(size=size, channels=channels, crop=crop, cache_dir=cache_dir, stream=False)
+    reader = Photos(size=size, channels=channels, crop=crop, cache_dir=cache_dir)
     files = cache.list_images(path)
-    x = reader.open(files, path)
-    files = [files[i] for i in reader.cache.valid]
+    x = hold(reader.open(files, path))
+    files = [Path(files[i]) for i in reader.cache.valid]
     classes = sorted({p.parent.name for p in files})
     return x, torch.tensor([classes.index(p.parent.name) for p in files]), files
 
@@ -171,9 +190,9 @@ class ImageFolder(Photos):
         root = Path(self.path).expanduser()
         files = cache.list_images(root)
         x = self.open(files, root)
-        names = [files[i].parent.name for i in self.cache.valid]
-        classes = sorted(set(names))
-        y = torch.tensor([classes.index(n) for n in names])
+        names = [os.path.basename(os.path.dirname(files[i])) for i in self.cache.valid]
+        classes = {n: k for k, n in enumerate(sorted(set(names)))}
+        y = torch.tensor([classes[n] for n in names])
         train, test = test_split(len(x), self.test_fraction)
         return subset(x, train), y[train], subset(x, test), y[test]
 
@@ -207,8 +226,8 @@ class CelebA(Photos):
                             "(img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt; set data.root= or "
                             "AUTOENC_DATA_DIR), or pass data.download=true")
         names, partition = read_columns(base / "list_eval_partition.txt", header=0)
-        files = [base / "img_align_celeba" / n for n in names]
-        lost = next((f for f in files[:1] + files[-1:] if not f.is_file()), None)
+        files = [os.path.join(base, "img_align_celeba", n) for n in names]
+        lost = next((f for f in files[:1] + files[-1:] if not os.path.isfile(f)), None)
         if lost is not None:
             raise UserError(f"{lost} is listed in list_eval_partition.txt but missing; unpack img_align_celeba.zip "
                             f"into {base}")
@@ -237,7 +256,7 @@ class CelebA(Photos):
             at = np.flatnonzero(part == code)
             xs, ys = subset(x, at), None if labels is None else labels[torch.from_numpy(at)]
             out[split] = (xs, ys) if split == "test" else self.only_classes(xs, ys)
-        return out
+        return self.held(out)
 
     def labels(self, found: dict) -> torch.Tensor | None:
         """The labels `target` names, for the images that decoded."""

@@ -53,9 +53,9 @@ def folder(path, tmp, **kw) -> ImageFolder:
 
 def test_the_cache_is_built_once_reused_and_rebuilt_when_a_file_changes(tmp_path, decodes):
     images = make_folder(tmp_path / "img")
-    first = folder(images, tmp_path).splits["train"][0]
+    first = folder(images, tmp_path).splits["train"][0][:]
     assert decodes["n"] == 60
-    again = folder(images, tmp_path).splits["train"][0]
+    again = folder(images, tmp_path).splits["train"][0][:]
     assert decodes["n"] == 60 and torch.equal(first, again)  # opened, not decoded again
     folder(images, tmp_path, stream=True).shape  # streamed or held: the same cache
     assert decodes["n"] == 60 and len(list((tmp_path / "cache").glob("*-*"))) == 1
@@ -119,6 +119,9 @@ def test_streamed_batches_equal_in_memory_batches_for_the_same_seed(tmp_path, wo
     streamed = folder(images, tmp_path, stream=True, workers=2)
     (xh, yh), (xs, ys) = held.splits["train"], streamed.splits["train"]
     assert isinstance(xh, torch.Tensor) and type(xs).__name__ == "Rows" and torch.equal(yh, ys)
+    auto = folder(images, tmp_path)  # stream=auto: read from the cache on the CPU, held on a GPU when it fits
+    assert type(auto.splits["train"][0]).__name__ == "Rows"
+    assert torch.equal(auto.held(auto.splits, torch.device("cuda"))["train"][0], xh)
     for epoch in (0, 1):
         for rank in range(world):
             a = list(TensorBatches(xh, yh, 8, True, 3, lambda: epoch, rank, world))

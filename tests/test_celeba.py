@@ -118,3 +118,14 @@ def test_evaluate_probes_all_forty_attributes(celeba, tmp_path):
                         .fit(pixels["train"], attrs[:24, j] > 0).score(pixels["test"], attrs[30:, j] > 0)
                         for j in range(40)])
     assert figures["probe_accuracy_pixels"] == pytest.approx(expected) and 0 <= figures["probe_accuracy"] <= 1
+
+
+@pytest.mark.parametrize("recipe", ["vae_celeba64", "ae_faces64"])
+def test_the_face_recipes_train_on_celeba(celeba, tmp_path, recipe):
+    root, _, _ = celeba
+    results = train_here(tmp_path / "run", f"experiment={recipe}", f"data.root={root}", "data.size=16",
+                         "data.batch_size=8", "trainer.limit_train_batches=1",
+                         "trainer.limit_val_batches=1", "trainer.limit_test_batches=1")
+    cfg = __import__("omegaconf").OmegaConf.load(tmp_path / "run" / "config.yaml")
+    assert cfg.model.latent_dim == 128 and cfg.data.crop == 148 and cfg.data.augment.flip == 0.5
+    assert np.isfinite(results["test/loss"])
