@@ -1,7 +1,8 @@
-"""Data modules that hold a whole data set as tensors and cut batches by index on the device."""
+"""Data modules: a data set held as tensors with batches cut by index on the device, or streamed from stored rows."""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -12,7 +13,7 @@ import torch
 from autoenc.errors import UserError
 from autoenc.seeds import Stream, derive
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+from autoenc.cache import IMAGE_SUFFIXES  # noqa: F401  (where runs and commands have imported it from)
 
 
 class TensorBatches:
@@ -37,7 +38,8 @@ class TensorBatches:
         step = self.batch_size * self.world
         return len(self.x) // step + (len(self.x) % step >= self.world)
 
-    def __iter__(self):
+    def indices(self):
+        """The positions of each of this rank's batches still to come in this epoch."""
         # Every rank draws the same permutation and takes its equal share of each global batch of
         # batch_size · world examples, so the global batches are those of one process with batch
         # size batch_size · world, and DDP's mean of the ranks' gradients is the global batch's
@@ -51,8 +53,40 @@ class TensorBatches:
         order, step = order.to(self.x.device), self.batch_size * self.world
         for k in range(self.position(), len(self)):  # a run resumed inside an epoch continues it
             chunk = order[k * step:(k + 1) * step]
-            idx = chunk[:len(chunk) - len(chunk) % self.world].view(self.world, -1)[self.rank]
+            yield chunk[:len(chunk) - len(chunk) % self.world].view(self.world, -1)[self.rank]
+
+    def __iter__(self):
+        for idx in self.indices():
             yield self.x[idx], self.y[idx]
+
+
+class StreamedBatches(TensorBatches):
+    """The same batches as TensorBatches, read from stored rows (a memory-mapped cache) by `workers`
+    DataLoader processes, into pinned memory when `pin` (a GPU is fed)."""
+
+    def __init__(self, *args, workers: int = 1, pin: bool = False, **kw):
+        super().__init__(*args, **kw)
+        self.workers, self.pin = workers, pin
+
+    def __iter__(self):
+        batches = list(self.indices())  # decided here, where the epoch and position are known
+        loader = torch.utils.data.DataLoader(Examples(self.x, self.y), sampler=batches, batch_size=None,
+                                             num_workers=self.workers, pin_memory=self.pin,
+                                             generator=torch.Generator())  # torch's global random state untouched
+        yield from loader
+
+
+class Examples(torch.utils.data.Dataset):
+    """Whole batches of stored examples and their labels by positions (`dataset[positions]`)."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, idx):
+        return self.x[idx], self.y[idx]
 
 
 class Rows:
@@ -72,6 +106,20 @@ class Rows:
     def shape(self) -> tuple[int, ...]:
         return (len(self), *self.example_shape)
 
+    def __getstate__(self) -> dict:
+        """A memory-mapped array travels to worker processes as its file, never as a copy."""
+        state, a = dict(self.__dict__), self.array
+        if isinstance(a, np.memmap) and a.filename:
+            state["array"] = ("memmap", a.filename, a.dtype.str, a.shape, a.offset)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        a = state["array"]
+        if isinstance(a, tuple):
+            _, name, dtype, shape, offset = a
+            state["array"] = np.memmap(name, dtype=dtype, mode="r", offset=offset, shape=shape)
+        self.__dict__.update(state)
+
     def subset(self, i) -> Rows:
         return Rows(self.array, self.index[np.asarray(i)], self.example_shape)
 
@@ -89,42 +137,85 @@ def subset(x, i):
     return x.subset(i) if isinstance(x, Rows) else x[i]
 
 
+class Augment:
+    """Random horizontal flips (probability `flip`) and random crops (shifts of up to `crop` pixels, the
+    image padded by reflection and cut back to its size) of training batches, on their device."""
+
+    def __init__(self, flip: float = 0.0, crop: int = 0):
+        if not 0 <= flip <= 1 or not isinstance(crop, int) or crop < 0:
+            raise UserError(f"data.augment.flip={flip} must be a probability in [0, 1] and data.augment.crop={crop} "
+                            "an integer ≥ 0 (pixels)")
+        self.flip, self.crop = flip, crop
+
+    def __bool__(self) -> bool:
+        return self.flip > 0 or self.crop > 0
+
+    def __call__(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        if x.dim() != 4:
+            raise UserError(f"data.augment flips and crops images; these examples have shape {tuple(x.shape[1:])}")
+        n, c, h, w = x.shape
+        if self.flip:
+            flip = torch.rand(n, generator=g, device=x.device) < self.flip
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        if self.crop:
+            p = self.crop
+            padded = torch.nn.functional.pad(x, (p, p, p, p), mode="reflect" if p < min(h, w) else "replicate")
+            dy, dx = torch.randint(0, 2 * p + 1, (2, n, 1), generator=g, device=x.device)
+            rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]  # (n, 1, h, 1)
+            cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]  # (n, 1, 1, w)
+            x = padded[torch.arange(n, device=x.device)[:, None, None, None],
+                       torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
+        return x
+
+
 class TensorDataModule(pl.LightningDataModule):
-    """Base data module: `load()` returns uint8/float image tensors (N, C, H, W) and labels."""
+    """Base data module: `load()` returns uint8/float image tensors (N, C, H, W) (or Rows) and labels;
+    `workers` > 0 reads the batches of stored Rows in that many DataLoader processes."""
 
     def __init__(self, root: str = "data", batch_size: int = 128, val_fraction: float = 0.1,
                  binarize: str | None = None, split_seed: int = 0, seed: int = 0,
-                 on_device: bool = True, classes: list[int] | None = None, standardize: bool = False):
+                 on_device: bool = True, classes: list[int] | None = None, standardize: bool = False,
+                 augment: Augment | None = None, workers: int = 0):
         super().__init__()
         self.root = Path(root).expanduser()
         self.batch_size, self.val_fraction, self.binarize = batch_size, val_fraction, binarize
         self.split_seed, self.seed, self.on_device = split_seed, seed, on_device
         self.classes, self.standardize = (list(classes) if classes is not None else None), standardize
+        self.augment, self.workers = augment if augment else None, workers
         self._binarizer: Stream | None = None
+        self._augmenter: Stream | None = None
         self._splits: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.stats: dict[str, torch.Tensor] = {}  # standardization: per-feature mean and std of the train split
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def load_splits(self) -> dict[str, tuple[object, torch.Tensor | None]]:
+        """Train / val / test: val a seeded slice of the training set (of its `classes`, if given)."""
+        xtr, ytr, xte, yte = self.load()
+        xtr, ytr = self.only_classes(xtr, ytr)
+        order = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(self.split_seed))
+        n_val = int(round(self.val_fraction * len(xtr)))
+        val, train = order[:n_val], order[n_val:]
+        pick = (lambda i: None) if ytr is None else (lambda i: ytr[i])
+        return {"train": (subset(xtr, train), pick(train)), "val": (subset(xtr, val), pick(val)), "test": (xte, yte)}
+
+    def only_classes(self, x, y):
+        """The examples whose label is one of `classes` (all when classes is None)."""
+        if self.classes is None:
+            return x, y
+        if y is None or not bool(torch.isin(y, torch.tensor(self.classes)).any()):
+            raise UserError(f"data.classes={self.classes} selects no training example (the labels are "
+                            f"{'missing' if y is None else sorted(set(y.tolist()))}); fix data.classes")
+        keep = torch.isin(y, torch.tensor(self.classes)).nonzero().flatten()
+        return subset(x, keep), y[keep]
+
     @property
     def splits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Train / val / test tensors, loaded once; val is a seeded slice of the training set."""
+        """Train / val / test examples and labels (−1: none), loaded once; the test keeps every class."""
         if self._splits is None:
-            xtr, ytr, xte, yte = self.load()
-            if self.classes is not None:  # train and validate on these classes; the test keeps every class
-                if ytr is None or not bool(torch.isin(ytr, torch.tensor(self.classes)).any()):
-                    raise UserError(f"data.classes={self.classes} selects no training example (the labels are "
-                                    f"{'missing' if ytr is None else sorted(set(ytr.tolist()))}); fix data.classes")
-                keep = torch.isin(ytr, torch.tensor(self.classes)).nonzero().flatten()
-                xtr, ytr = subset(xtr, keep), ytr[keep]
-            ytr = ytr if ytr is not None else torch.full((len(xtr),), -1)
-            yte = yte if yte is not None else torch.full((len(xte),), -1)
-            order = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(self.split_seed))
-            n_val = int(round(self.val_fraction * len(xtr)))
-            val, train = order[:n_val], order[n_val:]
-            self._splits = {"train": (subset(xtr, train), ytr[train]), "val": (subset(xtr, val), ytr[val]),
-                            "test": (xte, yte)}
+            self._splits = {k: (x, y if y is not None else torch.full((len(x),), -1))
+                            for k, (x, y) in self.load_splits().items()}
             if self.binarize == "static":
                 self._splits = {k: (_binarize(x, self.split_seed), y) for k, (x, y) in self._splits.items()}
             elif self.binarize == "dynamic":
@@ -186,7 +277,7 @@ class TensorDataModule(pl.LightningDataModule):
         return lo, hi
 
     def setup(self, stage: str | None = None) -> None:
-        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        device = self._device()
         if self.on_device and device.type != "cpu":
             self._splits = {k: (x if isinstance(x, Rows) else x.to(device), y.to(device))
                             for k, (x, y) in self.splits.items()}
@@ -199,13 +290,19 @@ class TensorDataModule(pl.LightningDataModule):
     def _batches(self, split: str, shuffle: bool) -> TensorBatches:
         x, y = self.splits[split]
         trainer = self.trainer
+        streamed = isinstance(x, Rows) and self.workers > 0
+        kind = partial(StreamedBatches, workers=self.workers, pin=self._device().type == "cuda") if streamed else TensorBatches
         if trainer is None:
-            return TensorBatches(x, y, self.batch_size, shuffle, self.seed, lambda: 0)
+            return kind(x, y, self.batch_size, shuffle, self.seed, lambda: 0)
+
         def processed() -> int:  # batches the training loop has processed this epoch
             return trainer.fit_loop.epoch_loop.batch_progress.current.processed if shuffle else 0
 
-        return TensorBatches(x, y, self.batch_size, shuffle, self.seed, lambda: trainer.current_epoch,
-                             trainer.global_rank, trainer.world_size, processed)
+        return kind(x, y, self.batch_size, shuffle, self.seed, lambda: trainer.current_epoch,
+                    trainer.global_rank, trainer.world_size, processed)
+
+    def _device(self) -> torch.device:
+        return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
 
     def train_dataloader(self):
         return self._batches("train", shuffle=True)
@@ -219,8 +316,13 @@ class TensorDataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
         x, y = batch
         x = self.transform(x)
-        if self.binarize == "dynamic" and self.trainer is not None and self.trainer.training:
-            x = torch.bernoulli(x, generator=self._binarizing(x.device))  # a fresh sample each time seen
+        if self.trainer is not None and self.trainer.training:
+            if self.augment is not None:  # training batches only: val and test are seen as they are
+                if self._augmenter is None:
+                    self._augmenter = Stream(self.seed, "augment", self.trainer.global_rank)
+                x = self.augment(x, self._augmenter.at(self.trainer.fit_loop.total_batch_idx, x.device))
+            if self.binarize == "dynamic":
+                x = torch.bernoulli(x, generator=self._binarizing(x.device))  # a fresh sample each time seen
         return x, y
 
     def _binarizing(self, device) -> torch.Generator:

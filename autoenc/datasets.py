@@ -1,14 +1,17 @@
-"""The data sets: scikit-learn's digits, MNIST-format IDX files, CIFAR-10, folders of images, your own arrays."""
+"""The data sets: scikit-learn's digits, MNIST-format IDX files, CIFAR-10, folders of images and CelebA (decoded
+once into a cache), your own arrays."""
 
 from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from autoenc.data import IMAGE_SUFFIXES, Rows, TensorDataModule
+from autoenc import cache
+from autoenc.data import Rows, TensorDataModule, subset
 from autoenc.errors import UserError
 
 
@@ -104,27 +107,65 @@ class CIFAR10(TensorDataModule):
         return xtr, ytr, xte, yte
 
 
-def read_images(path: Path, size: int, channels: int) -> tuple[torch.Tensor, torch.Tensor, list[Path]]:
-    """Every image under `path` in sorted path order, resized to size × size: uint8 (N, C, H, W), labels
-    from sub-folder names, and the files."""
-    from PIL import Image, UnidentifiedImageError
+STREAM_ABOVE = 4 * 2**30  # bytes: a larger decoded set is streamed from its cache, a smaller one may go to the GPU
 
-    if not path.is_dir():
-        raise UserError(f"image folder {path} does not exist; give a folder of images")
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {path}")
-    mode = "L" if channels == 1 else "RGB"
-    images = []
-    for p in files:
-        try:
-            with Image.open(p) as im:
-                im = im.convert(mode).resize((size, size), Image.BILINEAR)
-                images.append(np.asarray(im, dtype=np.uint8).reshape(size, size, -1))
-        except (OSError, UnidentifiedImageError) as e:
-            raise UserError(f"cannot read image {p}: {e}; remove or replace it") from None
+
+class Photos(TensorDataModule):
+    """Images decoded once into an on-disk cache (autoenc.cache), keyed by the files and the decode settings
+    (size, crop, channels). `stream`: auto (a set up to 4 GiB held on the GPU when training there; else
+    batches read from the memory-mapped cache, which the page cache holds), true (always read from the
+    cache), false (always held in memory)."""
+
+    def __init__(self, size: int = 64, channels: int = 3, crop: int | None = None, cache_dir: str | None = None,
+                 decode_workers: int | None = None, stream: bool | str = "auto", **kw):
+        super().__init__(**kw)
+        if stream not in ("auto", True, False):
+            raise UserError(f"data.stream={stream!r} is invalid: it must be auto, true or false")
+        self.size, self.channels, self.crop, self.stream = size, channels, crop, stream
+        self.cache_dir, self.decode_workers = cache_dir, decode_workers
+        self.cache: cache.Cache | None = None
+
+    def settings(self) -> dict:
+        return {"size": [self.size, self.size], "channels": self.channels,
+                "crop": [self.crop, self.crop] if self.crop else None}
+
+    def open(self, files: list[str], source: Path, depends=(), extras=None) -> Rows:
+        """The decoded images of `files` (those that decoded: `self.cache.valid`), as Rows of the cache."""
+        self.cache = cache.open_cache(files, self.settings(), source, self.cache_dir, self.decode_workers,
+                                      depends, extras)
+        return Rows(self.cache.images, self.cache.valid)
+
+    def load_splits(self):
+        return self.held(super().load_splits())
+
+    def held(self, splits: dict, device: torch.device = torch.device("cpu")) -> dict:
+        """The splits as Rows of the cache, or each gathered once into a uint8 tensor: with stream=false, and
+        with auto on a GPU when the set fits."""
+        fits = self.stream == "auto" and device.type != "cpu" and self.cache.nbytes <= STREAM_ABOVE
+        if self.stream is False or fits:
+            return {k: (hold(x) if isinstance(x, Rows) else x, y) for k, (x, y) in splits.items()}
+        return splits
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.on_device:
+            self._splits = self.held(self.splits, self._device())
+        super().setup(stage)
+
+
+def hold(rows: Rows) -> torch.Tensor:
+    """The rows of a cache as one tensor in memory, gathered straight from the mapped file."""
+    return torch.from_numpy(rows.array).view(len(rows.array), *rows.example_shape)[torch.from_numpy(rows.index)]
+
+
+def read_images(path: Path, size: int, channels: int, crop: int | None = None,
+                cache_dir: str | None = None) -> tuple[torch.Tensor, torch.Tensor, list[Path]]:
+    """Every image under `path` in sorted path order, decoded (through the cache) at size × size: uint8
+    (N, C, H, W), labels from sub-folder names, and the files (unreadable ones left out, with a warning)."""
+    reader = Photos(size=size, channels=channels, crop=crop, cache_dir=cache_dir)
+    files = cache.list_images(path)
+    x = hold(reader.open(files, path))
+    files = [Path(files[i]) for i in reader.cache.valid]
     classes = sorted({p.parent.name for p in files})
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return x, torch.tensor([classes.index(p.parent.name) for p in files]), files
 
 
@@ -135,20 +176,127 @@ def test_split(n: int, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
     return order[n_test:], order[:n_test]
 
 
-class ImageFolder(TensorDataModule):
-    """Any folder of images, resized to `size`; sub-folder names become labels."""
+class ImageFolder(Photos):
+    """Any folder of images, resized to `size` (after a centre crop to `crop`, if set); sub-folder names
+    become labels."""
 
-    def __init__(self, path: str | None = None, size: int = 32, channels: int = 1,
-                 test_fraction: float = 0.1, **kw):
-        super().__init__(**kw)
-        self.path, self.size, self.channels, self.test_fraction = path, size, channels, test_fraction
+    def __init__(self, path: str | None = None, size: int = 32, channels: int = 1, test_fraction: float = 0.1, **kw):
+        super().__init__(size=size, channels=channels, **kw)
+        self.path, self.test_fraction = path, test_fraction
 
     def load(self):
         if not self.path:
             raise UserError("data=folder needs the images' folder: data.path=DIR")
-        x, y, _ = read_images(Path(self.path).expanduser(), self.size, self.channels)
+        root = Path(self.path).expanduser()
+        files = cache.list_images(root)
+        x = self.open(files, root)
+        names = [os.path.basename(os.path.dirname(files[i])) for i in self.cache.valid]
+        classes = {n: k for k, n in enumerate(sorted(set(names)))}
+        y = torch.tensor([classes[n] for n in names])
         train, test = test_split(len(x), self.test_fraction)
-        return x[train], y[train], x[test], y[test]
+        return subset(x, train), y[train], subset(x, test), y[test]
+
+
+class CelebA(Photos):
+    """CelebA in torchvision's layout under `<root>/celeba`: img_align_celeba/*.jpg, list_attr_celeba.txt,
+    list_eval_partition.txt (the official train / val / test) and optionally identity_CelebA.txt. Labels:
+    `target` = an attribute's name (1 where it is present), `all` (the 40 as columns), `identity`, or null."""
+
+    FILES = ("list_attr_celeba.txt", "list_eval_partition.txt")
+
+    def __init__(self, target: str | None = None, download: bool = False, size: int = 64, crop: int | None = 148,
+                 channels: int = 3, **kw):
+        super().__init__(size=size, crop=crop, channels=channels, **kw)
+        self.target, self.download = target, download
+        self.attribute_names: list[str] = []
+
+    def load_splits(self):
+        base = self.root / "celeba"
+        missing = [f for f in self.FILES if not (base / f).is_file()]
+        if missing and self.download:
+            import torchvision
+
+            try:
+                torchvision.datasets.CelebA(str(self.root), split="all", download=True)
+            except Exception as e:  # no network, or Google Drive's quota: say so in one line
+                raise UserError(f"could not download CelebA to {base}: {e}") from None
+            missing = [f for f in self.FILES if not (base / f).is_file()]
+        if missing:
+            raise UserError(f"missing {base / missing[0]}; put CelebA in torchvision's layout under {base} "
+                            "(img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt; set data.root= or "
+                            "AUTOENC_DATA_DIR), or pass data.download=true")
+        names, partition = read_columns(base / "list_eval_partition.txt", header=0)
+        files = [os.path.join(base, "img_align_celeba", n) for n in names]
+        lost = next((f for f in files[:1] + files[-1:] if not os.path.isfile(f)), None)
+        if lost is not None:
+            raise UserError(f"{lost} is listed in list_eval_partition.txt but missing; unpack img_align_celeba.zip "
+                            f"into {base}")
+        identity = base / "identity_CelebA.txt"
+        depends = (base / "list_attr_celeba.txt", base / "list_eval_partition.txt",
+                   *([identity] if identity.is_file() else []))
+
+        def extras() -> dict:  # parsed once, at build time, and stored with the cache
+            attr_names, attrs = read_columns(base / "list_attr_celeba.txt", header=2)
+            if list(attr_names) != list(names):
+                raise UserError(f"list_attr_celeba.txt and list_eval_partition.txt list different images; "
+                                f"provide intact copies in {base}")
+            out = {"partition": partition.astype(np.int8), "attributes": attrs.astype(np.int8),
+                   "attribute_names": np.array(read_header(base / "list_attr_celeba.txt"))}
+            if identity.is_file():
+                out["identity"] = read_columns(identity, header=0)[1]
+            return out
+
+        x = self.open(files, base, depends, extras)
+        found = self.cache.extras
+        self.attribute_names = [str(n) for n in found["attribute_names"]]
+        labels = self.labels(found)
+        part = found["partition"][self.cache.valid]
+        out = {}
+        for split, code in (("train", 0), ("val", 1), ("test", 2)):
+            at = np.flatnonzero(part == code)
+            xs, ys = subset(x, at), None if labels is None else labels[torch.from_numpy(at)]
+            out[split] = (xs, ys) if split == "test" else self.only_classes(xs, ys)
+        return self.held(out)
+
+    def labels(self, found: dict) -> torch.Tensor | None:
+        """The labels `target` names, for the images that decoded."""
+        valid = self.cache.valid
+        if self.target is None:
+            return None
+        if self.target == "all":
+            return torch.from_numpy(found["attributes"][valid] > 0).long()
+        if self.target == "identity" and "identity" in found:
+            return torch.from_numpy(found["identity"][valid]).long()
+        if self.target not in self.attribute_names:
+            import difflib
+
+            close = difflib.get_close_matches(str(self.target), self.attribute_names, n=1)
+            raise UserError(f"data.target={self.target} is not a CelebA attribute; "
+                            + (f"did you mean {close[0]}? " if close else "")
+                            + f"choose one of {', '.join(self.attribute_names)}, all, identity (with "
+                            "identity_CelebA.txt) or null")
+        j = self.attribute_names.index(self.target)
+        return torch.from_numpy(found["attributes"][valid, j] > 0).long()
+
+
+def read_header(path: Path) -> list[str]:
+    """The attribute names: the second line of list_attr_celeba.txt."""
+    with open(path) as f:
+        f.readline()
+        return f.readline().split()
+
+
+def read_columns(path: Path, header: int) -> tuple[np.ndarray, np.ndarray]:
+    """A CelebA text file after `header` lines: its first column (file names) and the integer columns."""
+    with open(path) as f:
+        lines = f.read().splitlines()[header:]
+    rows = [line.split() for line in lines if line.strip()]
+    try:
+        values = np.array([r[1:] for r in rows], dtype=np.int64)
+    except ValueError:
+        raise UserError(f"{path} is not in CelebA's format (a file name, then integers, on each line); "
+                        "provide an intact copy") from None
+    return np.array([r[0] for r in rows]), values.squeeze(1) if values.shape[1] == 1 else values
 
 
 class Arrays(TensorDataModule):

@@ -77,5 +77,8 @@ def fit_probe(train: torch.Tensor, train_y: torch.Tensor):
 
 
 def probe_accuracy(train: torch.Tensor, train_y: torch.Tensor, test: torch.Tensor, test_y: torch.Tensor) -> float:
-    """Test accuracy of a logistic regression fitted on (standardized) training features."""
+    """Test accuracy of a logistic regression fitted on (standardized) training features; with several labels
+    per example (CelebA's 40 attributes), the mean accuracy of one probe per column."""
+    if train_y.dim() == 2:
+        return float(np.mean([probe_accuracy(train, train_y[:, j], test, test_y[:, j]) for j in range(train_y.shape[1])]))
     return float(fit_probe(train, train_y).score(flat(test), test_y.cpu().numpy()))

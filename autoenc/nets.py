@@ -1,10 +1,12 @@
-"""Encoder/decoder backbones built from the data's (C, H, W); decoders return logits."""
+"""Encoder/decoder backbones built from the data's (C, H, W): mlp, conv (any depth, a norm), resnet, sae; decoders
+return logits."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 
@@ -34,22 +36,59 @@ def mlp(shape: Sequence[int], latent_dim: int, head_dim: int | None = None,
     return nn.Sequential(*enc), nn.Sequential(*dec)
 
 
-def conv(shape: Sequence[int], latent_dim: int, head_dim: int | None = None,
-         channels: Sequence[int] = (32, 64), activation: str = "ReLU") -> tuple[nn.Module, nn.Module]:
-    """Stride-2 3×3 convolutions (each halves H, W, rounding up) to a head of head_dim (default
-    latent_dim) units, and transposed mirrors."""
+def _images(shape: Sequence[int], name: str) -> tuple[int, int, int]:
     if len(shape) != 3:
         from autoenc.errors import UserError
 
-        raise UserError(f"net=conv needs images (C, H, W); this data's examples have shape {tuple(shape)}: use net=mlp")
-    c, h, w = shape
+        raise UserError(f"net={name} needs images (C, H, W); this data's examples have shape {tuple(shape)}: use net=mlp")
+    return tuple(shape)
+
+
+def _halvings(h: int, w: int, n: int) -> list[tuple[int, int]]:
+    """(H, W) before and after each of n stride-2 3×3 convolutions (padding 1: each halves, rounding up)."""
     sizes = [(h, w)]
-    for _ in channels:
+    for _ in range(n):
         sizes.append((-(-sizes[-1][0] // 2), -(-sizes[-1][1] // 2)))
+    return sizes
+
+
+def _norm(name: str | None, channels: int, groups: int = 32) -> list[nn.Module]:
+    """A normalization layer by torch.nn class name (GroupNorm: gcd(groups, channels) groups); none for null."""
+    if not name:
+        return []
+    if name == "GroupNorm":  # its signature differs: (num_groups, num_channels)
+        return [nn.GroupNorm(math.gcd(groups, channels), channels)]
+    return [getattr(nn, name)(channels)]
+
+
+def _channels_last(module, args):
+    """A forward pre-hook: the input in channels-last memory order (faster convolutions on GPUs with tensor cores)."""
+    return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
+
+
+def _finish(enc: list, dec: list, at: int, channels_last: bool) -> tuple[nn.Module, nn.Module]:
+    """The two Sequentials; with channels_last, their weights and the inputs of the encoder and of the
+    decoder's layer `at` are channels-last (hooks: the parameter names, and so checkpoints, stay the same)."""
+    encoder, decoder = nn.Sequential(*enc), nn.Sequential(*dec)
+    if channels_last:
+        encoder.to(memory_format=torch.channels_last).register_forward_pre_hook(_channels_last)
+        decoder.to(memory_format=torch.channels_last)
+        decoder[at].register_forward_pre_hook(_channels_last)
+    return encoder, decoder
+
+
+def conv(shape: Sequence[int], latent_dim: int, head_dim: int | None = None, channels: Sequence[int] = (32, 64),
+         activation: str = "ReLU", norm: str | None = None, groups: int = 32,
+         channels_last: bool = False) -> tuple[nn.Module, nn.Module]:
+    """One stride-2 3×3 convolution per entry of `channels` (each halves H, W, rounding up), each followed by
+    `norm` (a torch.nn class name: BatchNorm2d, GroupNorm, …) if set and the activation, to a head of
+    head_dim (default latent_dim) units; the decoder mirrors it with transposed convolutions."""
+    c, h, w = _images(shape, "conv")
+    sizes = _halvings(h, w, len(channels))
     flat = channels[-1] * sizes[-1][0] * sizes[-1][1]
     enc, prev = [], c
     for ch in channels:
-        enc += [nn.Conv2d(prev, ch, 3, stride=2, padding=1), _act(activation)]
+        enc += [nn.Conv2d(prev, ch, 3, stride=2, padding=1, bias=not norm), *_norm(norm, ch, groups), _act(activation)]
         prev = ch
     enc += [nn.Flatten(), nn.Linear(flat, head_dim or latent_dim)]
     dec = [nn.Linear(latent_dim, flat), _act(activation), nn.Unflatten(1, (channels[-1], *sizes[-1]))]
@@ -57,12 +96,61 @@ def conv(shape: Sequence[int], latent_dim: int, head_dim: int | None = None,
     for i, ch in enumerate(outs):
         (th, tw), (sh, sw) = sizes[-2 - i], sizes[-1 - i]
         # A 3×3 stride-2 transposed conv with padding 1 gives 2n − 1 + output_padding.
-        dec.append(nn.ConvTranspose2d(prev, ch, 3, stride=2, padding=1,
-                                      output_padding=(th - 2 * sh + 1, tw - 2 * sw + 1)))
-        if i < len(outs) - 1:
-            dec.append(_act(activation))
+        last = i == len(outs) - 1
+        dec.append(nn.ConvTranspose2d(prev, ch, 3, stride=2, padding=1, bias=last or not norm,  # a norm's shift
+                                      output_padding=(th - 2 * sh + 1, tw - 2 * sw + 1)))  # replaces a bias
+        if not last:
+            dec += [*_norm(norm, ch, groups), _act(activation)]
         prev = ch
-    return nn.Sequential(*enc), nn.Sequential(*dec)
+    return _finish(enc, dec, 3, channels_last)
+
+
+class Block(nn.Module):
+    """A residual block, torchvision's BasicBlock: two 3×3 convolutions with norms, added to the input
+    (through a 1×1 convolution where the width or size changes), then the activation."""
+
+    def __init__(self, a: int, b: int, stride: int, norm: str | None, groups: int, activation: str):
+        super().__init__()
+        bias = not norm  # a norm's shift makes a bias redundant
+        self.body = nn.Sequential(nn.Conv2d(a, b, 3, stride, 1, bias=bias), *_norm(norm, b, groups), _act(activation),
+                                  nn.Conv2d(b, b, 3, 1, 1, bias=bias), *_norm(norm, b, groups))
+        self.skip = (nn.Identity() if a == b and stride == 1 else
+                     nn.Sequential(nn.Conv2d(a, b, 1, stride, bias=bias), *_norm(norm, b, groups)))
+        self.act = _act(activation)
+
+    def forward(self, x):
+        return self.act(self.body(x) + self.skip(x))
+
+
+def resnet(shape: Sequence[int], latent_dim: int, head_dim: int | None = None,
+           widths: Sequence[int] = (32, 64, 128, 256), blocks: int | Sequence[int] = 1, norm: str | None = "BatchNorm2d",
+           groups: int = 32, activation: str = "ReLU", channels_last: bool = False) -> tuple[nn.Module, nn.Module]:
+    """A residual encoder: a 3×3 stem, then one stage per entry of `widths`, each `blocks` residual blocks
+    (the first of stride 2), flattened to a head of head_dim units. The decoder mirrors it: each stage
+    upsamples (nearest) to the encoder's size there, then its residual blocks; a 3×3 convolution gives the
+    logits. Any H, W (odd, non-square): the sizes are the encoder's own."""
+    c, h, w = _images(shape, "resnet")
+    blocks = [blocks] * len(widths) if isinstance(blocks, int) else list(blocks)
+    if len(blocks) != len(widths) or min(blocks) < 1:
+        from autoenc.errors import UserError
+
+        raise UserError(f"net.blocks={blocks} must be a positive integer, or one per stage of net.widths={list(widths)}")
+    sizes = _halvings(h, w, len(widths))
+    enc, prev = [nn.Conv2d(c, widths[0], 3, 1, 1, bias=not norm), *_norm(norm, widths[0], groups), _act(activation)], widths[0]
+    for width, n in zip(widths, blocks):
+        enc += [Block(prev, width, 2, norm, groups, activation)] + [Block(width, width, 1, norm, groups, activation)
+                                                                     for _ in range(n - 1)]
+        prev = width
+    flat = prev * sizes[-1][0] * sizes[-1][1]
+    enc += [nn.Flatten(), nn.Linear(flat, head_dim or latent_dim)]
+    dec = [nn.Linear(latent_dim, flat), _act(activation), nn.Unflatten(1, (prev, *sizes[-1]))]
+    for i in reversed(range(len(widths))):
+        out = widths[max(i - 1, 0)]
+        dec += [nn.Upsample(size=sizes[i], mode="nearest"), Block(prev, out, 1, norm, groups, activation)]
+        dec += [Block(out, out, 1, norm, groups, activation) for _ in range(blocks[i] - 1)]
+        prev = out
+    dec.append(nn.Conv2d(prev, c, 3, 1, 1))
+    return _finish(enc, dec, 3, channels_last)
 
 
 class UnitColumns(nn.Module):
@@ -89,7 +177,6 @@ def sae(shape: Sequence[int], latent_dim: int, head_dim: int | None = None) -> t
     """The sparse autoencoder of Gao et al. (2024), "Scaling and evaluating sparse autoencoders": a linear
     encoder and decoder around a learned pre-bias b (z = f(W_enc(x − b) + b_enc), x̂ = W_dec z + b),
     unit-norm decoder columns, and the encoder initialized as the decoder's transpose."""
-    import torch
     from torch.nn.utils.parametrize import register_parametrization
 
     d = math.prod(shape)

@@ -56,7 +56,8 @@ def inputs(cfg: DictConfig, model: Model) -> Inputs:
     if len(model.shape) != 3:
         raise UserError(f"input={path} must be a {'/'.join(ARRAY_SUFFIXES)} file: the model takes vectors")
     c, _, w = model.shape
-    x, y, files = read_images(path, w, c)
+    dm = model.run.datamodule  # decoded as the training data was (its crop), through the cache
+    x, y, files = read_images(path, w, c, getattr(dm, "crop", None), getattr(dm, "cache_dir", None))
     return Inputs(x, y, np.array([str(f) for f in files]), path.name)
 
 

@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py --data-root ../shared/data --out bench.json
     python scripts/benchmark.py --device cuda --precision bf16-mixed --compile
+    python scripts/benchmark.py --families --workloads conv_vae_64 topk_sae_4096 --steps 6 --warmup 2 --block 3
 
 Each family is trained in this process three ways over the same network, optimizer, batch size and
 device-resident data: as `autoenc train` builds it (the Trainer from autoenc.runs.make_trainer with
@@ -17,6 +18,7 @@ landing in one block does not move).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -36,6 +38,16 @@ FAMILIES = {
     "contractive_estimate": ["model=contractive", "penalty.method=estimate"],
     "vae": ["model=vae"],
 }
+# name: (`autoenc train` overrides, batch size, the generated data: shape and dtype) of the workloads a GPU is for
+WORKLOADS = {
+    # PyTorch-VAE's VanillaVAE shape on CelebA's 64 × 64 × 3 (data=celeba when it is under the data root)
+    "conv_vae_64": (["model=vae", "net=conv", "net.channels=[32,64,128,256,512]", "net.norm=BatchNorm2d",
+                     "net.activation=LeakyReLU", "model.latent_dim=128"], 128, ((128 * 40, 3, 64, 64), "uint8")),
+    # Gao et al.'s top-k sparse autoencoder: 4,096-d activations, 32,768 units, k = 32
+    "topk_sae_4096": (["net=sae", "bottleneck=topk", "bottleneck.k=32", "penalty=none", "likelihood=mse",
+                       "model.latent_dim=32768"], 4096, ((4096 * 4, 4096), "float32")),
+}
+RUNS = {**FAMILIES, **{name: w[0] for name, w in WORKLOADS.items()}}
 PATHS = ("autoenc", "floor")
 # --ablation: what each part of autoenc's default path costs per step (each variant turns one part off)
 CHECKPOINTS_OFF = ["callbacks.checkpoint=null", "callbacks.step_checkpoint=null",
@@ -117,11 +129,11 @@ def compose(args, family: str, out_dir: str):
 
     from autoenc.paths import CONFIGS
 
-    overrides = [f"data={args.data}", f"data.batch_size={args.batch_size}", *FAMILIES[family],
+    overrides = [f"data={args.data}", f"data.batch_size={args.batch_size}", *RUNS[family],
                  f"trainer.max_steps={args.warmup + args.steps + COUNTED}", f"trainer.precision={args.precision}",
                  f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
                  f"model.compile={args.compile}", f"paths.output_dir={out_dir}", "eval.iwae_samples=0",
-                 *([f"data.root={args.data_root}"] if args.data_root and args.data != "digits" else []),
+                 *([f"data.root={args.data_root}"] if args.data_root and args.data not in ("digits", "array") else []),
                  *args.override]
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
         return hydra_compose("train", overrides=overrides)
@@ -152,7 +164,8 @@ class PlainLoop:
         datamodule, model = build(cfg)
         self.args, self.model = args, model.to(args.device)
         self.opt = model.optimizer_factory(model.parameters())
-        self.x_all = datamodule.splits["train"][0].to(args.device)  # stored as uint8 or float, like autoenc
+        x = datamodule.splits["train"][0]  # stored as uint8 or float, like autoenc; Rows read whole
+        self.x_all = (x if isinstance(x, torch.Tensor) else x[torch.arange(len(x))]).to(args.device)
         self.order = torch.randperm(len(self.x_all), device=args.device)
         self.g = torch.Generator(device=args.device).manual_seed(0)
         self.autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
@@ -279,6 +292,8 @@ def run_family(args, family: str) -> dict:
         datamodule, model = build(cfg)
         make_trainer(cfg, alternate(args, plain, totals, "autoenc")).fit(model, datamodule=datamodule)
         autoenc_startup = (plain_t0 - t0) + totals["first_step"][0] - t1
+        del model  # a large model (the SAE: 4 GB with Adam's state) is not held three times
+        gc.collect()
         _, net = build(cfg)
         g = torch.Generator(device=args.device).manual_seed(1)
         floor = pl.Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1,
@@ -311,7 +326,9 @@ def run_family(args, family: str) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    p.add_argument("--families", nargs="*", default=list(FAMILIES), choices=list(FAMILIES))
+    p.add_argument("--workloads", nargs="*", default=[], choices=list(WORKLOADS),
+                   help="models a GPU is for, each at its own batch size on generated data (conv_vae_64: CelebA if present)")
     p.add_argument("--data", default="fashion_mnist", help="data config (digits: embedded, offline)")
     p.add_argument("--data-root", default=os.environ.get("AUTOENC_DATA_DIR"))
     p.add_argument("--batch-size", type=int, default=128)
@@ -341,19 +358,40 @@ def main(argv=None) -> dict:
         env["gpu"] = torch.cuda.get_device_name()
     rows, first_step, base = {}, None, list(args.override)
     runs = [(f, v) for f in args.families for v in (VARIANTS if args.ablation else ["default"])]
-    for family, variant in runs:
-        args.override = [*base, *VARIANTS[variant]]
-        name = family if variant == "default" else f"{family}, {variant}"
-        row = rows[name] = run_family(args, family)
-        since_process_start = row.pop("since_process_start")
-        first_step = first_step or since_process_start
-        print(format_row(name, row), flush=True)
+    runs += [(w, "default") for w in args.workloads]
+    data, batch_size = args.data, args.batch_size
+    with tempfile.TemporaryDirectory() as generated:
+        for family, variant in runs:
+            args.override = [*base, *VARIANTS[variant]]
+            if family in WORKLOADS:
+                args.batch_size, args.data, path = WORKLOADS[family][1], *workload_data(args, family, Path(generated))
+                args.override += [f"data.path={path}"] if path else []
+            name = family if variant == "default" else f"{family}, {variant}"
+            row = rows[name] = {"batch_size": args.batch_size, "data": args.data, **run_family(args, family)}
+            args.data, args.batch_size = data, batch_size
+            since_process_start = row.pop("since_process_start")
+            first_step = first_step or since_process_start
+            print(format_row(name, row), flush=True)
     # again as one block: the progress bars of the autoenc runs interleave with the lines above
     print("\n".join(format_row(f, r) for f, r in rows.items()))
     result = {"env": env, "families": rows, "process_to_first_step_s": first_step}
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def workload_data(args, name: str, folder: Path) -> tuple[str, Path | None]:
+    """The data config of a workload: celeba where the data root has it (conv_vae_64), else a generated
+    .npy of the workload's shape (uint8 pixels uniform in [0, 255], or standard normal floats)."""
+    import numpy as np
+
+    if name == "conv_vae_64" and args.data_root and (Path(args.data_root) / "celeba" / "list_attr_celeba.txt").is_file():
+        return "celeba", None
+    shape, dtype = WORKLOADS[name][2]
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, shape, dtype=np.uint8) if dtype == "uint8" else rng.standard_normal(shape, dtype=np.float32)
+    np.save(folder / f"{name}.npy", x)
+    return "array", folder / f"{name}.npy"
 
 
 def format_row(family: str, row: dict) -> str:

@@ -11,6 +11,11 @@ from pathlib import Path
 # One torch thread here and in every `autoenc` the tests start: on a small shared machine, threads
 # that wait on each other under other load slow a small model's step 20–70×.
 os.environ["OMP_NUM_THREADS"] = "1"
+# Decoded-image caches of the tests' folders go to a temporary directory, never the user's ~/.cache.
+if "AUTOENC_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["AUTOENC_CACHE_DIR"] = tempfile.mkdtemp(prefix="autoenc-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
