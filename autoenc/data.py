@@ -342,12 +342,3 @@ def _binarize(x: torch.Tensor, seed: int) -> torch.Tensor:
     """One seeded Bernoulli sample of each image (stored as 0/1 floats)."""
     p = to_unit(x[:])  # drawn on the CPU: the same images whatever device the split is on
     return torch.bernoulli(p.cpu(), generator=torch.Generator().manual_seed(seed)).to(p.device)
-
-
-def __getattr__(name: str):
-    """Runs saved before the data sets moved to autoenc.datasets name them `autoenc.data.<Class>`."""
-    if name in ("Digits", "IDX", "CIFAR10", "ImageFolder", "Arrays", "read_idx", "read_images"):
-        from autoenc import datasets
-
-        return getattr(datasets, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -165,11 +165,12 @@ def make_trainer(cfg: DictConfig, *extra_callbacks):
     bar = next((cb for cb in made if isinstance(cb, ProgressBar)), None)
     ours = [cb for cb in made if type(cb).__module__.startswith("autoenc.") and cb is not bar]
     ours += [ModelSummary()] if cfg.trainer.get("enable_model_summary", True) else []
-    callbacks = [cb for cb in made if cb not in ours]
     if bar is not None:
         bar.callbacks = share(bar, ours)
-    elif ours:
-        callbacks.append(Bundle(ours))
+    bundle = Bundle(ours) if ours and bar is None else None
+    first = next((i for i, cb in enumerate(made) if cb in ours), len(made))  # the bundle takes the first one's place
+    callbacks = [cb for cb in made[:first] if cb not in ours] + ([bundle] if bundle else []) + \
+        [cb for cb in made[first:] if cb not in ours]
     loggers = [instantiate(c) for c in cfg.logger.values() if c] if cfg.logger else False
     profiler = {} if cfg.trainer.get("profiler") else {"profiler": NoProfiler()}
     return instantiate(cfg.trainer, callbacks=callbacks + list(extra_callbacks), logger=loggers,

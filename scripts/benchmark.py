@@ -268,40 +268,59 @@ def alternate(args, plain, totals: dict, path: str):
     return Alternate()
 
 
-def run_family(args, family: str) -> dict:
-    """Fits the autoenc path and the floor path, each alternating with the plain loop."""
+def run_path(args, family: str, path: str) -> dict:
+    """One Lightning path (`autoenc` or `floor`) of a family, alternating with a plain loop, in this process."""
     import lightning.pytorch as pl
     import torch
 
-    from autoenc.runs import build, configure_lightning, make_trainer
+    from autoenc.runs import build, configure_lightning, make_trainer, skip_failing_gpu_probe
 
+    torch.set_num_threads(args.threads)
+    skip_failing_gpu_probe()
     totals: dict = {}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as out, PeakRSS() as mem:
         cfg = compose(args, family, out)
         plain_t0 = time.perf_counter()
         plain = PlainLoop(args, cfg)
-        plain_startup = time.perf_counter() - plain_t0 + plain.run(1)[0]
+        totals["plain_startup"] = time.perf_counter() - plain_t0 + plain.run(1)[0]
         counter = CallCounter()
         counter.start()
         plain.run(COUNTED)
-        plain_calls = counter.stop() / COUNTED
+        totals["plain_calls"] = counter.stop() / COUNTED
         t1 = time.perf_counter()
         configure_lightning()
         pl.seed_everything(cfg.seed, verbose=False)
         datamodule, model = build(cfg)
-        make_trainer(cfg, alternate(args, plain, totals, "autoenc")).fit(model, datamodule=datamodule)
-        autoenc_startup = (plain_t0 - t0) + totals["first_step"][0] - t1
-        del model  # a large model (the SAE: 4 GB with Adam's state) is not held three times
-        gc.collect()
-        _, net = build(cfg)
-        g = torch.Generator(device=args.device).manual_seed(1)
-        floor = pl.Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1,
-                           precision=args.precision, max_steps=args.warmup + args.steps + COUNTED, logger=False,
-                           enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                           num_sanity_val_steps=0, limit_val_batches=0, callbacks=[alternate(args, plain, totals, "floor")])
-        floor.fit(floor_module(net, g), train_dataloaders=datamodule.train_dataloader())
-    row = {"steps": totals["steps_autoenc"], "peak_rss_mb": mem.peak / 2**20}
+        if path == "autoenc":
+            make_trainer(cfg, alternate(args, plain, totals, path)).fit(model, datamodule=datamodule)
+            totals["startup"] = (plain_t0 - t0) + totals["first_step"][0] - t1
+        else:
+            g = torch.Generator(device=args.device).manual_seed(1)
+            floor = pl.Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1,
+                               precision=args.precision, max_steps=args.warmup + args.steps + COUNTED, logger=False,
+                               enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                               num_sanity_val_steps=0, limit_val_batches=0, callbacks=[alternate(args, plain, totals, path)])
+            floor.fit(floor_module(model, g), train_dataloaders=datamodule.train_dataloader())
+    totals["peak_rss"] = mem.peak
+    return totals
+
+
+def run_family(args, family: str) -> dict:
+    """Fits the autoenc path and the floor path, each in a fresh process of its own alternating with its own
+    plain loop, so that neither path's plain loop runs in a process the other path has already used (run
+    one after the other in one process, the second one's plain loop ran slower: see the README)."""
+    import multiprocessing
+
+    totals: dict = {}
+    for path in PATHS:
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            part = pool.apply(run_path, (args, family, path))
+        for key in ("plain_startup", "plain_calls", "peak_rss", "first_step"):
+            part[f"{key}_{path}"] = part.pop(key)
+        totals |= part
+    mem_peak = max(totals[f"peak_rss_{path}"] for path in PATHS)
+    row = {"steps": totals["steps_autoenc"], "peak_rss_mb": mem_peak / 2**20}
     for path in PATHS:
         n = totals[f"steps_{path}"] * args.batch_size
         (wall, cpu), (pwall, pcpu) = totals[path], totals[f"plain_{path}"]
@@ -315,12 +334,13 @@ def run_family(args, family: str) -> dict:
         row[path]["blocks"] = len(blocks)
         calls = totals.get(f"calls_{path}")  # absent if every counted step held a validation
         row[path]["calls_per_step"] = statistics.median(calls) if calls else None
-    row["plain"] = {"samples_per_s": row["autoenc"]["plain_samples_per_s"], "startup_s": plain_startup,
-                    "calls_per_step": plain_calls}
-    row["autoenc"]["startup_s"] = autoenc_startup  # compose, build and fit up to the end of the first step
+    row["plain"] = {"samples_per_s": row["autoenc"]["plain_samples_per_s"],
+                    "samples_per_s_floor_phase": row["floor"]["plain_samples_per_s"],
+                    "startup_s": totals["plain_startup_autoenc"], "calls_per_step": totals["plain_calls_autoenc"]}
+    row["autoenc"]["startup_s"] = totals["startup"]  # compose, build and fit up to the end of the first step
     if totals.get("epoch_end_autoenc"):  # validation, checkpoint and pictures: once an epoch, not per step
         row["autoenc"]["epoch_end_s"] = sum(totals["epoch_end_autoenc"]) / len(totals["epoch_end_autoenc"])
-    row["since_process_start"] = totals["first_step"][1]
+    row["since_process_start"] = totals["first_step_autoenc"][1]
     return row
 
 
@@ -398,7 +418,8 @@ def format_row(family: str, row: dict) -> str:
     a, f = row["autoenc"], row["floor"]
     return (f"{family:<40} plain {row['plain']['samples_per_s']:8.0f}/s  autoenc {a['samples_per_s']:8.0f}/s "
             f"ratio {a['ratio']:.3f} overhead {a['overhead_us']:6.0f} µs (median of blocks {a['overhead_us_median']:5.0f})  "
-            f"|  Lightning floor ratio {f['ratio']:.3f} overhead {f['overhead_us']:6.0f} µs (median "
+            f"|  Lightning floor ratio {f['ratio']:.3f} (plain beside it {row['plain']['samples_per_s_floor_phase']:.0f}/s) "
+            f"overhead {f['overhead_us']:6.0f} µs (median "
             f"{f['overhead_us_median']:5.0f})  |  Python calls per step: plain {row['plain']['calls_per_step']:.0f}, "
             f"floor {f['calls_per_step'] or 0:.0f}, autoenc {a['calls_per_step'] or 0:.0f}  |  peak_rss_mb {row['peak_rss_mb']:5.0f}")
 

@@ -99,13 +99,3 @@ def test_streams_of_randomness_never_coincide():
     orders = [list(TensorBatches(torch.arange(50).view(50, 1, 1, 1), torch.arange(50), 50, True, s, lambda e=e: e))[0][1]
               for s, e in ((0, 1), (1, 0), (0, 0))]
     assert not torch.equal(orders[0], orders[1]) and not torch.equal(orders[0], orders[2])
-
-
-def test_a_run_saved_before_the_data_sets_moved_still_resolves_its_data_target():
-    from hydra.utils import get_class
-
-    from autoenc import datasets
-
-    assert get_class("autoenc.data.IDX") is datasets.IDX and get_class("autoenc.data.Digits") is datasets.Digits
-    with pytest.raises(ImportError):
-        get_class("autoenc.data.Nothing")
