@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from autoenc.errors import UserError
+from autoenc.errors import UserError, is_integer, is_number, require
 from autoenc.seeds import Stream, derive
 
 from autoenc.cache import IMAGE_SUFFIXES  # noqa: F401  (where runs and commands have imported it from)
@@ -177,6 +177,12 @@ class TensorDataModule(pl.LightningDataModule):
                  on_device: bool = True, classes: list[int] | None = None, standardize: bool = False,
                  augment: Augment | None = None, workers: int = 0):
         super().__init__()
+        require(is_integer(batch_size) and batch_size >= 1, "data.batch_size", batch_size, "a positive integer")
+        require(is_number(val_fraction) and 0 <= val_fraction < 1, "data.val_fraction", val_fraction, "a fraction in [0, 1)")
+        require(binarize in (None, "static", "dynamic"), "data.binarize", binarize, "null, static or dynamic")
+        require(standardize in (True, False), "data.standardize", standardize, "true or false")
+        if binarize and standardize:
+            raise UserError("data.binarize and data.standardize exclude each other: binarization needs values in [0, 1]")
         self.root = Path(root).expanduser()
         self.batch_size, self.val_fraction, self.binarize = batch_size, val_fraction, binarize
         self.split_seed, self.seed, self.on_device = split_seed, seed, on_device
@@ -331,6 +337,12 @@ class TensorDataModule(pl.LightningDataModule):
         if self._binarizer is None:
             self._binarizer = Stream(self.seed, "binarize", t.global_rank)
         return self._binarizer.at(t.fit_loop.total_batch_idx, device)
+
+
+def test_fraction(value) -> float:
+    """A held-out test share in (0, 1), for the sources that cut their own test split."""
+    require(is_number(value) and 0 < value < 1, "data.test_fraction", value, "a fraction in (0, 1)")
+    return value
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,8 @@ import torch
 
 from autoenc import cache
 from autoenc.data import Rows, TensorDataModule, subset
-from autoenc.errors import UserError
+from autoenc.data import test_fraction as checked_test_fraction
+from autoenc.errors import UserError, is_integer, require
 
 
 class Digits(TensorDataModule):
@@ -20,7 +21,7 @@ class Digits(TensorDataModule):
 
     def __init__(self, test_fraction: float = 0.2, **kw):
         super().__init__(**kw)
-        self.test_fraction = test_fraction
+        self.test_fraction = checked_test_fraction(test_fraction)
 
     def load(self):
         from sklearn.datasets import load_digits
@@ -119,6 +120,8 @@ class Photos(TensorDataModule):
     def __init__(self, size: int = 64, channels: int = 3, crop: int | None = None, cache_dir: str | None = None,
                  decode_workers: int | None = None, stream: bool | str = "auto", **kw):
         super().__init__(**kw)
+        require(is_integer(size) and size >= 1, "data.size", size, "a positive integer")
+        require(channels in (1, 3), "data.channels", channels, "1 or 3")
         if stream not in ("auto", True, False):
             raise UserError(f"data.stream={stream!r} is invalid: it must be auto, true or false")
         self.size, self.channels, self.crop, self.stream = size, channels, crop, stream
@@ -182,7 +185,7 @@ class ImageFolder(Photos):
 
     def __init__(self, path: str | None = None, size: int = 32, channels: int = 1, test_fraction: float = 0.1, **kw):
         super().__init__(size=size, channels=channels, **kw)
-        self.path, self.test_fraction = path, test_fraction
+        self.path, self.test_fraction = path, checked_test_fraction(test_fraction)
 
     def load(self):
         if not self.path:
@@ -306,7 +309,7 @@ class Arrays(TensorDataModule):
 
     def __init__(self, path: str | None = None, test_fraction: float = 0.1, **kw):
         super().__init__(**kw)
-        self.path, self.test_fraction = path, test_fraction
+        self.path, self.test_fraction = path, checked_test_fraction(test_fraction)
 
     def read(self) -> tuple[object, np.ndarray | None]:
         path = Path(str(self.path)).expanduser()

@@ -1,5 +1,5 @@
-"""What a composed config must satisfy, checked once before anything is built: known keys, valid
-values, and a penalty that suits the bottleneck."""
+"""What a composed config must satisfy before anything is built: known keys and a penalty that suits the
+bottleneck (each object checks its own values when it is built)."""
 
 from __future__ import annotations
 
@@ -12,52 +12,19 @@ from autoenc.errors import UserError, is_integer, require
 from autoenc.paths import config_dirs
 
 
-def _int(lo: int):
-    return lambda v, cfg: is_integer(v) and v >= lo
-
-
-def _num(lo: float = float("-inf"), hi: float = float("inf"), open_lo: bool = False):
-    return lambda v, cfg: isinstance(v, (int, float)) and not isinstance(v, bool) and (
-        v > lo if open_lo else v >= lo) and v <= hi
-
-
-def _one_of(*choices):
-    return lambda v, cfg: v in choices
-
-
-_ABSENT = object()
 # The groups whose nodes are checked for unknown keys (loggers and callbacks pass extra keys on).
 GROUPS = ("model", "data", "net", "noise", "bottleneck", "penalty", "likelihood", "trainer")
 
-# The settings of the data modules, checked here until each data module checks its own (key: (rule, what a
-# valid value is); keys absent from a config are skipped). Every other object checks its own settings
-# when it is built (autoenc.errors.require).
-RULES = {
-    "data.batch_size": (_int(1), "a positive integer"),
-    "data.val_fraction": (lambda v, cfg: _num(0, 1)(v, cfg) and v < 1, "a fraction in [0, 1)"),
-    "data.test_fraction": (_num(0, 1, open_lo=True), "a fraction in (0, 1)"),
-    "data.binarize": (_one_of(None, "static", "dynamic"), "null, static or dynamic"),
-    "data.size": (_int(1), "a positive integer"),
-    "data.channels": (_one_of(1, 3), "1 or 3"),
-    "data.standardize": (_one_of(True, False), "true or false"),
-}
-
 
 def validate(cfg: DictConfig) -> None:
-    """Raises UserError for the first unknown key, broken value rule or unsuitable penalty."""
+    """Raises UserError for the first unknown key, missing value or unsuitable penalty."""
     tree = OmegaConf.to_container(cfg, resolve=False)
     for group in GROUPS:
         check_keys(tree.get(group), group)
     require(is_integer(cfg.get("seed", 0)) and cfg.get("seed", 0) >= 0, "seed", cfg.get("seed"), "an integer ≥ 0")
-    for key, (ok, what) in RULES.items():
-        value = OmegaConf.select(cfg, key, default=_ABSENT)
-        if value is not _ABSENT and not ok(value, cfg):
-            raise UserError(f"{key}={value!r} is invalid: it must be {what}; fix it on the command line")
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise UserError(f"{missing[0]} is required; set it on the command line ({missing[0]}=…)")
-    if OmegaConf.select(cfg, "data.binarize") and OmegaConf.select(cfg, "data.standardize"):
-        raise UserError("data.binarize and data.standardize exclude each other: binarization needs values in [0, 1]")
     if cfg.get("bottleneck") and cfg.get("penalty"):
         check_pair(cfg.bottleneck, cfg.penalty)
     check_accelerator(OmegaConf.select(cfg, "trainer.accelerator"))
