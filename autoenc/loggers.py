@@ -32,6 +32,7 @@ class TensorBoardLogger(loggers.TensorBoardLogger):
 
     def log_run(self, hparams: dict, config: dict, results: dict) -> None:
         self.log_hyperparams(hparams, metrics=results)
+        self.experiment.flush()  # after the test's finalize: its writer is new and would flush only later
 
 
 class MLFlowLogger(loggers.MLFlowLogger):
