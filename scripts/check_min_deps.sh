@@ -20,7 +20,7 @@ repo=$(cd "${1:-$(dirname "$0")/..}" && pwd)
 shift $(($# > 0 ? 1 : 0))
 tests=("$@")
 if ((${#tests[@]} == 0)); then
-    tests=(tests/test_matrix.py tests/test_core_cli.py tests/test_api.py tests/test_data.py tests/test_resume.py
+    tests=(tests/test_matrix.py tests/test_core_cli.py tests/test_data.py tests/test_resume.py
            tests/test_loggers.py)
 fi
 [[ -f $repo/pyproject.toml ]] || { echo "check_min_deps: no pyproject.toml in $repo" >&2; exit 2; }
