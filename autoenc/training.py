@@ -55,11 +55,11 @@ def hparams_of(cfg: DictConfig) -> dict:
     """The choices and numbers that tell runs apart, flattened for TensorBoard's HParams view."""
     from hydra.core.hydra_config import HydraConfig
 
-    flat = {}
-    if HydraConfig.initialized():
-        flat.update({f"choice/{k}": str(v) for k, v in HydraConfig.get().runtime.choices.items()
-                     if not k.startswith("hydra") and v is not None})
-    for group in ("model", "net", "data", "noise", "bottleneck", "penalty", "likelihood"):
+    flat, groups = {}, ("model", "net", "data", "noise", "bottleneck", "penalty", "likelihood")
+    if HydraConfig.initialized():  # the pipeline's choices (not logger, callbacks…: they tell no model apart)
+        choices = HydraConfig.get().runtime.choices
+        flat.update({f"choice/{k}": str(choices[k]) for k in (*groups, "experiment") if choices.get(k) is not None})
+    for group in groups:
         node = OmegaConf.to_container(cfg[group], resolve=True) if cfg.get(group) else {}
         for k, v in (node or {}).items():
             if isinstance(v, (int, float, str, bool)) and not k.startswith("_"):

@@ -146,6 +146,35 @@ def tb_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
     return sorted(points)
 
 
+def tb_hparams(run_dir: Path) -> list:
+    """The HParams plugin's entries (HParamsPluginData: experiment, session start or end) of a run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    entries = []
+    for f in run_dir.glob("events.out.tfevents.*"):
+        ea = EventAccumulator(str(f))
+        ea.Reload()
+        try:
+            entries += [plugin_data_pb2.HParamsPluginData.FromString(c) for c in ea.PluginTagToContent("hparams").values()]
+        except KeyError:  # an event file without HParams data
+            pass
+    return entries
+
+
+def tb_text(run_dir: Path, tag: str) -> str:
+    """The text summaries of one tag in a run's event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    text = ""
+    for f in run_dir.glob("events.out.tfevents.*"):
+        ea = EventAccumulator(str(f), size_guidance={"tensors": 0})
+        ea.Reload()
+        if tag in ea.Tags()["tensors"]:
+            text += "".join(e.tensor_proto.string_val[0].decode() for e in ea.Tensors(tag))
+    return text
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "FashionMNIST" / "raw").is_dir():

@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import autoenc, cli_error, tb_tags, train_here, train_run
+from conftest import autoenc, cli_error, tb_hparams, tb_scalars, tb_tags, tb_text, train_here, train_run
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +30,28 @@ def test_run_directory_holds_config_checkpoints_events_results_pictures(run):
 
 def test_tensorboard_has_curves_learning_rate_and_reconstruction_grid(run):
     tags = tb_tags(run[0])
-    assert {"train/loss_step", "train/loss_epoch", "val/loss", "val/mse", "train/lr"} <= tags["scalars"]
+    assert {"loss/train", "loss/train_epoch", "loss/val", "val/mse", "train/lr"} <= tags["scalars"]
     assert "val/reconstructions" in tags["images"]
+
+
+def test_tensorboard_leads_with_the_losses_and_shows_the_results_as_a_table_and_hparams(run):
+    """The losses form the first group (`loss` sorts first), no `epoch` card, the test figures at the run's
+    last step (not at step 0) and as a text table, an HParams session named after the run and its
+    overrides, and no Experiment entry (it would fix every run's columns to this one's)."""
+    run_dir, results = run
+    scalars = tb_tags(run_dir)["scalars"]
+    groups = sorted({t.split("/")[0] for t in scalars})
+    assert groups[0] == "loss" and "epoch" not in scalars and not {"train/loss_step", "val/loss"} & scalars
+    steps = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
+    assert tb_scalars(run_dir, "test/mse") == [(steps, pytest.approx(results["test/mse"], rel=1e-6))] and steps == 8
+    text, entries = tb_text(run_dir, "results/text_summary"), tb_hparams(run_dir)
+    for k, v in results.items():
+        assert f"| {k} | {v:.6g} |" in text
+    assert not any(e.HasField("experiment") for e in entries)
+    start = next(e.session_start_info for e in entries if e.HasField("session_start_info"))
+    assert start.group_name.startswith(f"{run_dir.parent.name}/ae ") and "trainer.max_epochs=2" in start.group_name
+    assert start.hparams["choice/model"].string_value == "ae" and "choice/logger" not in start.hparams
+    assert start.hparams["model.latent_dim"].number_value == 16
 
 
 def test_test_mse_equals_recomputation_from_the_best_checkpoint(run):

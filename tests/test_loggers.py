@@ -64,7 +64,7 @@ def test_mlflow_artifact_is_the_resolved_config_kept_in_the_run_directory(mlflow
     assert saved.model.latent_dim == 5 and saved.paths.output_dir == str(run_dir)
     assert run.data.tags["run_dir"] == str(run_dir)
     assert list((run_dir / "mlflow-artifacts").glob("*/artifacts/config.yaml"))
-    assert "train/loss_epoch" in tb_tags(run_dir)["scalars"]  # TensorBoard beside it, as before
+    assert "loss/train_epoch" in tb_tags(run_dir)["scalars"]  # TensorBoard beside it, as before
 
 
 def test_wandb_offline_run_holds_the_config_and_results_as_summary(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from autoenc.errors import UserError
-from conftest import FAST, autoenc, rebuilt, train_here
+from conftest import FAST, autoenc, rebuilt, tb_hparams, train_here
 from test_use import use
 
 FAST_ARRAY = ["data=array", "data.batch_size=16", "model.latent_dim=3"]
@@ -125,6 +125,8 @@ def test_compare_keeps_swept_choices_apart_from_figures_of_the_same_name(tmp_pat
     from test_scale import hparams_entry  # TensorBoard's HParams view shows the swept choice of each run
 
     assert sorted(hparams_entry(sweep / job)[0]["choice/penalty"] for job in ("0", "1")) == ["kl", "l1"]
+    trials = [e.session_start_info.group_name for job in ("0", "1") for e in tb_hparams(sweep / job) if e.HasField("session_start_info")]
+    assert [t.split()[:3] for t in trials] == [["sweep/0", "bottleneck=sigmoid", "penalty=l1"], ["sweep/1", "bottleneck=sigmoid", "penalty=kl"]]
 
 
 def test_mistakes_with_own_data_are_refused_in_one_line(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import FAST, ROOT, autoenc, tb_scalars, train_here
+from conftest import FAST, ROOT, autoenc, tb_hparams, tb_scalars, tb_tags, train_here
 
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "eval.iwae_samples=4"]
 # Whole batches only (5 train, 1 val, 2 test per epoch), so both runs see exactly the same examples.
@@ -17,27 +17,12 @@ LIMITS = ["trainer.limit_train_batches=5", "trainer.limit_val_batches=1", "train
 
 
 def hparams_entry(run_dir: Path) -> tuple[dict, set[str], dict[str, float]]:
-    """What TensorBoard's HParams dashboard reads for a run: its hparams, metric tags, metric values."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from tensorboard.plugins.hparams import plugin_data_pb2
-
-    hparams, tags, values = {}, set(), {}
-    for f in run_dir.glob("events.out.tfevents.*"):
-        ea = EventAccumulator(str(f))
-        ea.Reload()
-        try:
-            contents = ea.PluginTagToContent("hparams").values()
-        except KeyError:  # an event file without HParams data
-            contents = []
-        for content in contents:
-            data = plugin_data_pb2.HParamsPluginData.FromString(content)
-            if data.HasField("session_start_info"):
-                for k, v in data.session_start_info.hparams.items():
-                    hparams[k] = getattr(v, v.WhichOneof("kind"))
-            if data.HasField("experiment"):
-                tags |= {m.name.tag for m in data.experiment.metric_infos}
-        values |= {t: ea.Scalars(t)[-1].value for t in ea.Tags()["scalars"]}
-    return hparams, tags, values
+    """What TensorBoard's HParams dashboard reads for a run: its hparams, metric tags (its scalar tags:
+    there is no Experiment entry), metric values (each tag's last)."""
+    hparams = {k: getattr(v, v.WhichOneof("kind")) for e in tb_hparams(run_dir) if e.HasField("session_start_info")
+               for k, v in e.session_start_info.hparams.items()}
+    scalars = {t for t in tb_tags(run_dir)["scalars"]}
+    return hparams, scalars, {t: tb_scalars(run_dir, t)[-1][1] for t in scalars}
 
 
 @pytest.mark.slow
@@ -60,7 +45,7 @@ def test_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(tmp_
     for k, v in b["state_dict"].items():
         torch.testing.assert_close(a["state_dict"][k], v, rtol=1e-4, atol=1e-6)
     # the epoch means of the training terms are the global batch's, not rank 0's half
-    epoch_ddp, epoch_one = (tb_scalars(d, "train/loss_epoch") for d in (ddp, tmp_path / "one"))
+    epoch_ddp, epoch_one = (tb_scalars(d, "loss/train_epoch") for d in (ddp, tmp_path / "one"))
     assert [s for s, _ in epoch_ddp] == [s for s, _ in epoch_one] and len(epoch_one) == 2
     assert [v for _, v in epoch_ddp] == pytest.approx([v for _, v in epoch_one], rel=1e-4)
     # The second rank ran this job again (Lightning's launcher) inside the same run directory.
@@ -94,7 +79,7 @@ def test_ddp_multirun_keeps_each_run_and_its_hparams_when_one_fails(tmp_path):
         results = json.loads((sweep / job / "results.json").read_text())
         hparams, tags, values = hparams_entry(sweep / job)
         assert hparams["model.latent_dim"] == dim and hparams["choice/model"] == "ae"
-        assert {"val/loss", "test/loss", "test/mse"} <= tags
+        assert {"loss/val", "test/loss", "test/mse"} <= tags
         assert values["test/loss"] == pytest.approx(results["test/loss"], rel=1e-6)
         assert f"#{job} model.latent_dim={dim}: val/loss={results['val/loss']}" in proc.stdout
     error = (sweep / "2" / "error.txt").read_text()
