@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import gzip
 import os
+import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -318,16 +320,22 @@ class Arrays(TensorDataModule):
                             f"{'is not a file' if self.path else 'is not set'}")
         try:
             if path.suffix == ".npy":
-                return np.load(path, mmap_mode="r"), None
+                return _memmap(path), None
             if path.suffix == ".npz":
                 with np.load(path) as z:
                     return _parts(dict(z), path)
             if path.suffix == ".pt":
-                data = torch.load(path, map_location="cpu", weights_only=True)
+                with warnings.catch_warnings():  # "Detected pickle protocol 4": a plain pickle, refused below
+                    warnings.filterwarnings("ignore", "Detected pickle protocol")
+                    data = torch.load(path, map_location="cpu", weights_only=True)
                 data = data if isinstance(data, dict) else {"x": data}
                 return _parts({k: np.asarray(v) for k, v in data.items()}, path)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise UserError(f"cannot read {path}: {e}") from None
+        except pickle.UnpicklingError:
+            raise UserError(f"cannot read {path}: it is not a torch.save of tensors (a tensor, or a dict of x and y); "
+                            "it was opened with weights_only=True, which refuses anything else, such as objects "
+                            "that could run code") from None
+        except (OSError, ValueError, RuntimeError, EOFError) as e:
+            raise UserError(f"cannot read {path}: {' '.join(str(e).split())}") from None
         raise UserError(f"data.path={path} must end in .npy, .npz or .pt")
 
     def examples(self) -> tuple[Rows, torch.Tensor | None]:
@@ -354,7 +362,25 @@ class Arrays(TensorDataModule):
         return rows.subset(train.numpy()), pick(train), rows.subset(test.numpy()), pick(test)
 
 
+def _memmap(path: Path) -> np.ndarray:
+    """A .npy memory-mapped, or refused in one line when the file is shorter than its header declares."""
+    fmt = np.lib.format
+    with open(path, "rb") as f:
+        version = fmt.read_magic(f)
+        read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
+        shape, _, dtype = read(f) if read else ((), False, np.dtype("u1"))  # a newer format: np.load checks it
+        need = f.tell() + int(np.prod(shape)) * dtype.itemsize
+    if path.stat().st_size < need:
+        raise UserError(f"{path} is truncated: its header declares a {dtype} array of shape {shape} "
+                        f"({need:,} bytes), the file has {path.stat().st_size:,}; copy or save it again")
+    return np.load(path, mmap_mode="r")
+
+
 def _parts(arrays: dict, path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     if "x" not in arrays:
         raise UserError(f"{path} needs an array named x (and optionally y); it has: {', '.join(arrays) or 'none'}")
-    return arrays["x"], arrays.get("y")
+    y = arrays.get("y")
+    if y is not None and (y.ndim != 1 or not (y.dtype.kind in "iub" or y.dtype.kind == "f" and np.all(y == np.round(y)))):
+        raise UserError(f"{path}: y must hold one whole-number label per example; it is a {y.dtype} array "
+                        f"of shape {tuple(y.shape)}")
+    return arrays["x"], y

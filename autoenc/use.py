@@ -47,6 +47,8 @@ def inputs(cfg: DictConfig, model: Model) -> Inputs:
     from autoenc.datasets import Arrays, read_images
 
     path = Path(str(cfg.input)).expanduser()
+    if not path.exists():
+        raise UserError(f"input={path} does not exist; give a folder of images or a {'/'.join(ARRAY_SUFFIXES)} file")
     if path.suffix in ARRAY_SUFFIXES:
         x, y = Arrays(path=str(path)).examples()
         y = y if y is not None else torch.full((len(x),), -1)

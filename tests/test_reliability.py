@@ -6,6 +6,7 @@ import errno
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -77,6 +78,28 @@ def test_checkpoint_crafted_to_run_code_is_refused(tmp_path, capsys):
     torch.save({"state_dict": {}, "x": Evil(marker)}, evil)
     line = cli_error(capsys, "train", f"hydra.run.dir={tmp_path / 'r'}", f"ckpt_path={evil}")
     assert "refused to load" in line and not marker.exists()
+
+
+def test_array_files_that_cannot_be_used_are_refused_in_one_line_leaving_no_run_directory(tmp_path, capsys, trained):
+    marker = tmp_path / "pwned"
+    torch.save({"x": torch.rand(50, 10), "y": "abc"}, tmp_path / "string_y.pt")
+    torch.save({"x": Evil(marker)}, tmp_path / "crafted.pt")
+    np.save(tmp_path / "whole.npy", np.random.rand(100, 10).astype("float32"))
+    whole = (tmp_path / "whole.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(whole[: len(whole) // 2])
+    for name, expected in [
+        ("string_y.pt", "string_y.pt: y must hold one whole-number label per example; it is a <U3 array of shape ()"),
+        ("crafted.pt", "crafted.pt: it is not a torch.save of tensors (a tensor, or a dict of x and y); it was "
+                       "opened with weights_only=True"),
+        ("cut.npy", "cut.npy is truncated: its header declares a float32 array of shape (100, 10) (4,128 bytes), "
+                    "the file has 2,064"),
+    ]:
+        line = cli_error(capsys, "train", f"hydra.run.dir={tmp_path / name}-run", "data=array",
+                         f"data.path={tmp_path / name}")
+        assert expected in line and not (tmp_path / f"{name}-run").exists(), line
+    assert not marker.exists()
+    line = cli_error(capsys, "encode", f"ckpt={trained[0]}", f"input={tmp_path / 'missing.npy'}")
+    assert line.endswith(f"input={tmp_path / 'missing.npy'} does not exist; give a folder of images or a .npy/.npz/.pt file")
 
 
 @pytest.mark.parametrize("content, expected", [
