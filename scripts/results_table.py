@@ -2,9 +2,9 @@
 
     python scripts/results_table.py --data mnist:20:128 fashion_mnist:20:128 --out outputs/results_table
 
-Each `name:epochs:batch_size` trains `autoenc train model=<family> data=<name>` for each family (with
-`--latent-dim` for the families whose preset does not choose its own code size, and a family's own
-overrides after a colon: `contractive:model.latent_dim=256`), then runs `autoenc evaluate` on the best
+Each `name:epochs:batch_size` trains `autoenc train model=<family> data=<name>` for each family as its
+preset is (or with one `--latent-dim` for all, and a family's own overrides after a colon:
+`contractive:model.latent_dim=256`), then runs `autoenc evaluate` on the best
 checkpoint. Each row says how long training and evaluation took on this machine. A data set that cannot
 be loaded here (e.g. missing files) gets a row saying why.
 """
@@ -48,7 +48,7 @@ def one_run(data: str, spec: str, epochs: str, batch_size: str, args) -> list[st
     """Trains and evaluates one model; its table row (or the one-line reason it could not run)."""
     family, _, extra = spec.partition(":")
     overrides = [o for o in extra.split(",") if o]
-    latent = [] if family in ("sparse", "contractive") or any(o.startswith("model.latent_dim") for o in overrides) \
+    latent = [] if args.latent_dim is None or any(o.startswith("model.latent_dim") for o in overrides) \
         else [f"model.latent_dim={args.latent_dim}"]
     run = args.out / data / spec.replace(":", "_").replace(",", "_").replace("=", "")
     start = time.time()
@@ -80,7 +80,7 @@ def main() -> None:
                         help="data config, epochs and batch size: name:epochs:batch_size")
     parser.add_argument("--families", nargs="+", default=list(FAMILIES),
                         help="model presets, each optionally with overrides: contractive:model.latent_dim=256")
-    parser.add_argument("--latent-dim", type=int, default=32, help="code size where the preset chooses none")
+    parser.add_argument("--latent-dim", type=int, default=None, help="one code size for every family (default: each preset's own)")
     parser.add_argument("--iwae-samples", type=int, default=1000, help="K for the VAE's IWAE NLL")
     parser.add_argument("--probe-examples", type=int, default=60000, help="training examples for PCA and the probes (at most the training split)")
     parser.add_argument("--out", type=Path, default=Path(time.strftime("outputs/results_table/%Y-%m-%d_%H-%M-%S")),
