@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from autoenc.errors import UserError, is_integer, is_number, require
+from autoenc.penalties import global_batch_mean
 
 
 @dataclass
@@ -106,6 +108,12 @@ class Bottleneck(nn.Module):
         return {**figures, "dead_fraction": (freq == 0).float().mean(),
                 "dead_threshold": freq.new_tensor(self.fires_above()), "activation_frequency": freq}
 
+    @contextmanager
+    def fixed(self):
+        """Within: batch statistics (where a bottleneck has them) stay those of the last training batch, so
+        that a per-example Jacobian is that of the code function this step used."""
+        yield
+
     def prior_sample(self, n: int, generator=None, device=None) -> torch.Tensor:
         """n codes from the prior p(z)."""
         raise UserError(f"bottleneck={self.name} has no prior to sample from; `sample` needs a model trained "
@@ -161,40 +169,64 @@ class TopK(ReLU):
     AuxK (Gao et al. 2024, sec. 2.4): units that have not fired for `dead_window` training steps are
     dead; the aux_k largest of their pre-activations form an auxiliary code that must reconstruct the
     residual the live code leaves, with weight `aux_coef`, which gives dead units gradient again.
-    `standardize` (a momentum; 0: off): the k are chosen from h standardized per unit by running training
-    statistics, so that no unit loses every example to a larger offset or spread (README: dead units)."""
+    `standardize` (a momentum; 0: off): the k are chosen by h standardized per unit, by the global batch's
+    mean and variance in training (as batch normalization does, gradient included) and by running
+    estimates with this momentum elsewhere, and each chosen unit's code is its h less that mean, ReLU'd:
+    no unit wins or loses every example by its offset or spread, and the code keeps its scale (README:
+    dead units)."""
 
     def __init__(self, k: int = 8, threshold: float | None = 0.0, aux_k: int | None = None,
-                 aux_coef: float = 0.0, dead_window: int = 20, standardize: float = 0.0):
+                 aux_coef: float = 0.0, dead_window: int = 20, standardize: float = 0.1):
         super().__init__(threshold)
         require(is_integer(k) and k >= 1, "bottleneck.k", k, "an integer from 1 to model.latent_dim")
         require(is_number(standardize) and 0 <= standardize <= 1, "bottleneck.standardize", standardize,
                 "a momentum in [0, 1] (0: off)")
         self.k, self.aux_k, self.aux_coef, self.dead_window = k, aux_k, aux_coef, dead_window
-        self.standardize = standardize
+        self.standardize, self.holding = standardize, False
 
     def setup(self, latent_dim):
         require(self.k <= latent_dim, "bottleneck.k", self.k, "an integer from 1 to model.latent_dim")
         # steps since each unit last fired in training (a buffer: checkpoints keep it, resume is exact)
         self.register_buffer("since_fired", torch.zeros(latent_dim, dtype=torch.long))
-        if self.standardize:  # each unit's running mean and standard deviation of h (only where used)
+        if self.standardize:  # each unit's running mean and variance of h (only where used)
             self.register_buffer("offset", torch.zeros(latent_dim))
-            self.register_buffer("scale", torch.ones(latent_dim))
+            self.register_buffer("variance", torch.ones(latent_dim))
             self.register_buffer("started", torch.zeros((), dtype=torch.bool))
 
     def forward(self, h, generator=None):
-        if self.standardize and self.training:
-            with torch.no_grad():
-                moments = torch.stack([h.detach().float().mean(0), h.detach().float().pow(2).mean(0)])
-                _mean_over_ranks(moments)
-                std = (moments[1] - moments[0] ** 2).clamp_min(1e-12).sqrt()
-                keep = self.standardize if self.started else 1.0
-                self.offset.lerp_(moments[0], keep)
-                self.scale.lerp_(std, keep)
-                self.started.fill_(True)
-        h = (h - self.offset.to(h.dtype)) / self.scale.to(h.dtype) if self.standardize else h
-        code = self.activation(h)
-        return Latent(code, code, h)
+        if not self.standardize:
+            code = self.activation(h)
+            return Latent(code, code, h)
+        mean, variance = self.moments(h)
+        self.last = mean.detach(), variance.detach()
+        centered = h - mean
+        top = (centered / (variance + 1e-5).sqrt()).topk(self.k, dim=1).indices
+        code = torch.zeros_like(h).scatter(1, top, torch.relu(centered.gather(1, top)))
+        return Latent(code, code, centered)
+
+    def moments(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each unit's mean and (biased) variance of h: the global batch's in training, which the running
+        estimates follow (the first batch sets them), else the running estimates."""
+        if self.holding:
+            return self.last
+        if not self.training or len(h) < 2:  # (one example has no spread to standardize by)
+            return self.offset.to(h.dtype), self.variance.to(h.dtype)
+        mean = global_batch_mean(h)
+        variance = global_batch_mean((h - mean).pow(2))
+        with torch.no_grad():
+            keep = self.standardize if self.started else 1.0
+            self.offset.lerp_(mean.detach().float(), keep)
+            self.variance.lerp_(variance.detach().float(), keep)
+            self.started.fill_(True)
+        return mean, variance
+
+    @contextmanager
+    def fixed(self):
+        self.holding = self.standardize and self.training and hasattr(self, "last")
+        try:
+            yield
+        finally:
+            self.holding = False
 
     def terms(self, latent, step):
         extra, figures = super().terms(latent, step)
@@ -292,15 +324,6 @@ def _any_over_ranks(flags: torch.Tensor) -> None:
         as_int = flags.int()
         dist.all_reduce(as_int, op=dist.ReduceOp.MAX)
         flags.copy_(as_int.bool())
-
-
-def _mean_over_ranks(values: torch.Tensor) -> None:
-    """In place: the mean over DDP ranks (all ranks then hold the same running statistics)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(values)
-        values.div_(dist.get_world_size())
 
 
 def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

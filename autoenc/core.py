@@ -96,8 +96,9 @@ class Autoencoder(nn.Module):
     def jacobian_sq(self, x: torch.Tensor, code: torch.Tensor, method: str = "auto", projections: int = 1,
                     generator: torch.Generator | None = None) -> torch.Tensor:
         """‖∂code/∂x‖²_F per example (code: this model's code of x), by `method` (penalties.jacobian_sq)."""
-        return jacobian_sq(lambda v: self.encode(v).code, self.encoder, self.bottleneck, x, code, method,
-                           projections, generator)
+        with self.bottleneck.fixed():
+            return jacobian_sq(lambda v: self.encode(v).code, self.encoder, self.bottleneck, x, code, method,
+                               projections, generator)
 
     # ---- what a stochastic bottleneck brings: prior samples and the IWAE bound -------------
     @torch.no_grad()

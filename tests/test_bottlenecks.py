@@ -6,13 +6,14 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.autograd.functional import jacobian
 from torch.distributions import Normal, kl_divergence
 
 from autoenc.bottlenecks import Step, Gaussian, Linear, ReLU, Sigmoid, TopK, gaussian_kl
 
 H = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
-DETERMINISTIC = [Linear(), ReLU(), Sigmoid(), TopK(k=3)]
+DETERMINISTIC = [Linear(), ReLU(), Sigmoid(), TopK(k=3, standardize=0.0)]
 
 
 @pytest.mark.parametrize("bottleneck", DETERMINISTIC, ids=lambda b: type(b).__name__)
@@ -38,7 +39,7 @@ def test_activations_and_their_ranges():
 
 def test_topk_keeps_the_k_largest_then_relu():
     h = torch.randn(64, 20, generator=torch.Generator().manual_seed(4)) - 1.0  # many negative top values
-    z = TopK(k=3)(h).code
+    z = TopK(k=3, standardize=0.0)(h).code
     for row, out in zip(h, z):
         largest = set(row.topk(3).indices.tolist())
         kept = {i for i in range(20) if out[i] != 0}
@@ -153,21 +154,43 @@ def test_a_linear_code_has_no_dead_units_and_a_gaussian_reports_active_units():
     assert stats.figures(g)["active_units"].item() == 1.0
 
 
-def test_topk_standardize_chooses_the_k_by_running_per_unit_statistics():
-    b = TopK(k=1, standardize=0.5)
-    b.setup(2)
-    first = torch.tensor([[10.0, 0.0], [12.0, 2.0]])  # unit 0 larger on every example
+def test_topk_standardize_chooses_by_batch_statistics_and_codes_the_centered_value():
+    """Training: the k chosen by h standardized with the batch's mean and variance (torch's batch_norm as
+    the independent computation), each chosen unit's code its h less the batch mean, ReLU'd; the running
+    estimates start at the first batch's and follow at the momentum; evaluation uses them, unchanged."""
+    g = torch.Generator().manual_seed(0)
+    spread, offsets = torch.tensor([1.0, 2, 3, 4, 5]), torch.tensor([10.0, 0, -3, 1, 2])
+    first, second = (torch.randn(16, 5, generator=g) * spread + offsets for _ in range(2))
+    b = TopK(k=2, standardize=0.25)
+    b.setup(5)
     b.train()
-    b(first)  # the first batch sets the statistics: mean (11, 1), std (1, 1)
-    torch.testing.assert_close(b.offset, torch.tensor([11.0, 1.0]))
-    torch.testing.assert_close(b.scale, torch.tensor([1.0, 1.0]))
-    second = torch.tensor([[13.0, 3.0], [9.0, 1.0]])  # batch mean (11, 2), std (2, 1)
-    code = b(second).code
-    torch.testing.assert_close(b.offset, torch.tensor([11.0, 1.5]))
-    torch.testing.assert_close(b.scale, torch.tensor([1.5, 1.0]))
-    # standardized by the updated statistics: (1.33, 1.5) and (−1.33, −0.5): unit 1 wins both, ReLU'd
-    torch.testing.assert_close(code, torch.tensor([[0.0, 1.5], [0.0, 0.0]]))
+
+    def expected(h, mean=None, var=None):
+        top = F.batch_norm(h, mean, var, training=mean is None, eps=1e-5).topk(2, dim=1).indices
+        centered = h - (h.mean(0) if mean is None else mean)
+        return torch.zeros_like(h).scatter(1, top, torch.relu(centered.gather(1, top)))
+
+    torch.testing.assert_close(b(first).code, expected(first))
+    torch.testing.assert_close(b.offset, first.mean(0))
+    torch.testing.assert_close(b.variance, first.var(0, unbiased=False))
+    torch.testing.assert_close(b(second).code, expected(second))
+    torch.testing.assert_close(b.offset, 0.75 * first.mean(0) + 0.25 * second.mean(0))
     b.eval()
-    before = b.offset.clone()
-    b(second)
-    torch.testing.assert_close(b.offset, before)  # evaluation leaves the statistics as they are
+    mean, var = b.offset.clone(), b.variance.clone()
+    torch.testing.assert_close(b(second).code, expected(second, mean, var))
+    torch.testing.assert_close(b.offset, mean)
+
+
+def test_topk_standardize_gives_each_unit_its_share_where_offsets_decide_plain_top_k():
+    """Units whose offsets differ more than their spread over examples (the state of a freshly initialized
+    mlp: README, dead units): plain top-k lets the same k units win every example; standardized, each of
+    the n units fires on about k/n of them."""
+    g = torch.Generator().manual_seed(0)
+    h = 0.1 * torch.arange(32.0) + 0.02 * torch.randn(4096, 32, generator=g)
+    plain, fair = TopK(k=4, standardize=0.0), TopK(k=4, standardize=0.1)
+    plain.setup(32)
+    fair.setup(32)
+    fair.train()
+    assert (plain(h).code > 0).any(0).sum().item() == 4
+    rates = (fair(h).code > 0).float().mean(0)
+    assert 0.1 < rates.min().item() and rates.max().item() < 0.15  # k/n = 0.125

@@ -43,7 +43,7 @@ def contractive(encoder, bottleneck, x, **kw):
     return Contractive(weight=0.5, **kw)(code, jacobian)
 
 
-@pytest.mark.parametrize("bottleneck", [Sigmoid(), ReLU(), Linear(), TopK(k=2)], ids=lambda b: type(b).__name__)
+@pytest.mark.parametrize("bottleneck", [Sigmoid(), ReLU(), Linear(), TopK(k=2, standardize=0.0)], ids=lambda b: type(b).__name__)
 @pytest.mark.parametrize("method", ["analytic", "auto"])
 def test_analytic_contractive_equals_squared_frobenius_norm_of_the_jacobian(x, bottleneck, method):
     encoder = one_layer()
@@ -51,6 +51,24 @@ def test_analytic_contractive_equals_squared_frobenius_norm_of_the_jacobian(x, b
     expected = autograd_jacobian_sq(encoder, bottleneck, x)
     assert term.item() == pytest.approx(0.5 * expected.mean().item(), rel=1e-5)
     assert stats["jacobian_fro"].item() == pytest.approx(expected.sqrt().mean().item(), rel=1e-5)
+
+
+def test_a_standardized_top_k_in_training_has_the_jacobian_of_its_step_with_the_batch_statistics_held():
+    """Under `fixed()` the full Jacobian (each example alone, through torch.func) is that of the code the
+    step computed, its batch mean and variance constants: the closed form gives the same, and the running
+    estimates are not moved a second time."""
+    torch.manual_seed(3)
+    x = torch.rand(32, 1, 3, 4)
+    encoder, bottleneck = one_layer(), TopK(k=2, standardize=0.1)
+    bottleneck.setup(5)
+    bottleneck.train()
+    code = bottleneck(encoder(x)).code
+    offset = bottleneck.offset.clone()
+    with bottleneck.fixed():
+        exact = jacobian_sq(lambda v: bottleneck(encoder(v)).code, encoder, bottleneck, x, code, "exact")
+        analytic = jacobian_sq(lambda v: bottleneck(encoder(v)).code, encoder, bottleneck, x, code, "analytic")
+    torch.testing.assert_close(exact, analytic)
+    assert exact.min() > 0 and torch.equal(bottleneck.offset, offset)
 
 
 @pytest.mark.parametrize("bottleneck", [Sigmoid(), Linear()], ids=lambda b: type(b).__name__)

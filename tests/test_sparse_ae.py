@@ -31,12 +31,13 @@ def test_decoder_columns_have_unit_norm_after_a_step_and_the_encoder_starts_as_i
     assert not torch.allclose(model.autoencoder.encoder[2].weight, decoder_weight(model).t())  # they train apart
 
 
-def fit_with_unit_0_killed(aux_coef: float, steps: int = 400, net: str = "sae"):
+def fit_with_unit_0_killed(aux_coef: float, steps: int = 400, net: str = "sae", standardize: float = 0.0):
     """Trains after silencing unit 0 (its row of the encoder's last layer zero, its bias below zero: never
     among the top 2, so without help it gets no gradient); returns how often it fires on the test set, and
     the model."""
     torch.manual_seed(0)
-    cfg = compose(*SAE, f"net={net}", f"bottleneck.aux_coef={aux_coef}", "bottleneck.dead_window=30", fast=False)
+    cfg = compose(*SAE, f"net={net}", f"bottleneck.aux_coef={aux_coef}", "bottleneck.dead_window=30",
+                  f"bottleneck.standardize={standardize}", fast=False)
     datamodule, model = build(cfg)
     head = [m for m in model.autoencoder.encoder.modules() if isinstance(m, torch.nn.Linear)][-1]
     with torch.no_grad():
@@ -54,6 +55,11 @@ def test_auxk_brings_a_dead_unit_back_and_without_it_the_unit_stays_dead(net):
     stays, _ = fit_with_unit_0_killed(0.0, net=net)
     assert stays == 0.0
     assert revived > 0.0 and model.autoencoder.bottleneck.since_fired[0] < 30
+
+
+def test_standardized_top_k_brings_a_killed_unit_back_on_an_mlp_without_auxk():
+    revived, _ = fit_with_unit_0_killed(0.0, net="mlp", standardize=0.1)
+    assert revived > 0.05
 
 
 def test_fvu_equals_an_independent_computation(tmp_path):
