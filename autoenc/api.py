@@ -230,6 +230,9 @@ class Model:
         components = self.autoencoder.bottleneck.active_size(self.latent_dim)
         print(f"fitting PCA ({components} components) and linear probes on {len(x_tr_in)} training examples…", flush=True)
         figures["pca_mse"], figures["pca_components"] = metrics.pca_mse(x_tr_in, x_te_in, components)
+        active = int(figures.get("active_units", components))  # a VAE's units that carry information
+        if 0 < active < components:
+            figures["pca_mse_active_units"], _ = metrics.pca_mse(x_tr_in, x_te_in, active)
         y_te = y_te.cpu()
         if bool((y_te >= 0).all()):
             encode = (lambda b: self.autoencoder.encode(b).code)

@@ -70,7 +70,9 @@ def one_run(data: str, spec: str, epochs: str, batch_size: str, args) -> list[st
     code = f"{cfg.model.latent_dim} {cfg.bottleneck._target_.rsplit('.', 1)[-1].lower()}"
     vae = f"{e['nll_iwae']:.2f} (K={args.iwae_samples}) / {e['active_units']:.0f}" if "nll_iwae" in e else "–"
     return [data, name, code, f"{epochs} × {batch_size}", wall, f"{e['mse']:.4f}",
-            f"{e['pca_mse']:.4f} ({e['pca_components']:.0f})", f"{e['probe_accuracy']:.3f}",
+            f"{e['pca_mse']:.4f} ({e['pca_components']:.0f})" + (
+                f"; {e['pca_mse_active_units']:.4f} ({e['active_units']:.0f})" if "pca_mse_active_units" in e else ""),
+            f"{e['probe_accuracy']:.3f}",
             f"{e['probe_accuracy_pixels']:.3f}", vae]
 
 

@@ -59,15 +59,19 @@ def tiles(path, rows: int, cols: int, side: int = 8, title: bool = False) -> np.
                                for c in range(cols)]) for r in range(rows)])
 
 
+def svd_pca_mse(datamodule, components: int) -> float:
+    """Test MSE of PCA with `components` fitted on the training split, by an SVD."""
+    a, b = (datamodule.splits[s][0].flatten(1).double().numpy() for s in ("train", "test"))
+    mu = a.mean(0)
+    v = np.linalg.svd(a - mu, full_matrices=False)[2][:components]
+    return float(((((b - mu) @ v.T) @ v + mu - b) ** 2).mean())
+
+
 def test_evaluate_pca_mse_equals_an_independent_svd_reconstruction(ae):
     ckpt, _, figures, out = ae
     datamodule, _ = run_of(ckpt)
-    a, b = (datamodule.splits[s][0].flatten(1).double().numpy() for s in ("train", "test"))
-    mu = a.mean(0)
-    v = np.linalg.svd(a - mu, full_matrices=False)[2][:8]
-    expected = ((((b - mu) @ v.T) @ v + mu - b) ** 2).mean()
     assert figures["pca_components"] == 8
-    assert figures["pca_mse"] == pytest.approx(expected, rel=1e-6)
+    assert figures["pca_mse"] == pytest.approx(svd_pca_mse(datamodule, 8), rel=1e-6)
     assert f"wrote {ckpt.parent.parent / 'evaluation.json'}" in out and "pca_mse" in out
 
 
@@ -104,6 +108,9 @@ def test_evaluate_vae_iwae_and_active_units_equal_independent_estimates(vae, tmp
     assert figures["nll_iwae"] == pytest.approx(nll.mean().item(), abs=5 * (nll.std() / len(nll) ** 0.5).item())
     assert figures["nll_iwae"] < figures["nelbo"]
     assert figures["active_units"] == (mean.var(0, unbiased=False) > 0.01).sum().item()
+    active = int(figures["active_units"])  # PCA with as many components as units carry information
+    expected = svd_pca_mse(datamodule, active) if 0 < active < 4 else None
+    assert figures.get("pca_mse_active_units") == (expected and pytest.approx(expected, rel=1e-6))
 
 
 def test_sample_draws_different_images_upscaled(vae):
