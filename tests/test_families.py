@@ -16,12 +16,12 @@ def runs(tmp_path_factory) -> dict[str, tuple]:
     """name → (run dir, results) of a few family runs on the digits, trained in this process."""
     root = tmp_path_factory.mktemp("families")
     cases = {
-        "sparse": ["model=sparse"],
+        "sparse": ["model=sparse", "bottleneck=relu", "penalty=l1", "net=mlp", "model.latent_dim=128"],
         "masking": ["model=denoising", "noise=masking"],
         "gaussian_noise": ["model=denoising", "noise=gaussian", "trainer.limit_test_batches=1.0"],
         "ae": ["model=ae"],
-        "analytic": ["model=contractive", "penalty.method=analytic"],
-        "exact": ["model=contractive", "penalty.method=exact"],
+        "analytic": ["model=contractive", "penalty.method=analytic", "model.latent_dim=32"],
+        "exact": ["model=contractive", "penalty.method=exact", "model.latent_dim=32"],
     }
     return {name: (root / name, train_here(root / name, *overrides)) for name, overrides in cases.items()}
 
@@ -40,7 +40,7 @@ def test_sparse_run_writes_one_feature_tile_per_unit_and_a_frequency_histogram(r
     assert "val/activation_frequency" in tags["histograms"]
     assert {"val/l0", "val/dead_fraction", "train/l0_step"} <= tags["scalars"]
     datamodule, model = rebuilt(run_dir)
-    n = 2 * compose("model=sparse").data.batch_size  # the test's first examples (FAST: 2 batches)
+    n = 2 * compose("model=sparse", "bottleneck=relu").data.batch_size  # the test's first examples (FAST: 2 batches)
     with torch.no_grad():
         code = model.autoencoder.encode(datamodule.splits["test"][0][:n]).code
     fires = (code > 0).float()

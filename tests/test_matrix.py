@@ -90,7 +90,7 @@ def _choices(cfg) -> tuple[str, str, str]:
 
 def test_presets_pick_the_seams_of_their_family():
     assert {p: _choices(compose(f"model={p}")) for p in PRESETS} == {
-        "ae": ("linear", "none", "none"), "sparse": ("relu", "l1", "none"), "denoising": ("linear", "none", "gaussian"),
+        "ae": ("linear", "none", "none"), "sparse": ("sigmoid", "kl", "none"), "denoising": ("linear", "none", "gaussian"),
         "contractive": ("sigmoid", "contractive", "none"), "vae": ("gaussian", "none", "none")}
     cfg = compose("model=vae", "data=mnist", fast=False)  # the README's first example composes
     assert cfg.bottleneck._target_ == "autoenc.bottlenecks.Gaussian" and cfg.data.name == "MNIST"
