@@ -92,20 +92,22 @@ class Model:
         return t
 
     def _image(self, item) -> torch.Tensor:
-        """One PIL image or image file as uint8 (C, H, W) at the model's size and channels."""
-        from PIL import Image
+        """One PIL image or image file as uint8 (C, H, W) at the model's size and channels, decoded as the
+        run's training images were (its centre crop, antialiased resize: autoenc.cache)."""
+        from autoenc import cache
 
         if len(self.shape) != 3:
             raise UserError(f"this model takes vectors of shape {self.shape}, not images")
         c, h, w = self.shape
+        crop = getattr(self.run.datamodule, "crop", None)
+        crop = (crop, crop) if crop else None
         if not _is_pil(item):
             try:
-                with Image.open(Path(item).expanduser()) as im:
-                    return self._image(im.copy())
-            except (OSError, ValueError) as e:
-                raise UserError(f"cannot read image {item}: {e}") from None
-        im = item.convert("L" if c == 1 else "RGB").resize((w, h), Image.BILINEAR)
-        return torch.from_numpy(np.asarray(im, dtype=np.uint8).reshape(h, w, -1).copy()).permute(2, 0, 1)
+                return cache.decode(str(Path(item).expanduser()), (h, w), c, crop)
+            except (OSError, RuntimeError, ValueError) as e:
+                raise UserError(f"cannot read image {item}: {' '.join(str(e).split())}") from None
+        pixels = np.array(item.convert("L" if c == 1 else "RGB"), dtype=np.uint8).reshape(item.height, item.width, -1)
+        return cache.fit(torch.from_numpy(pixels).permute(2, 0, 1), (h, w), crop)
 
     def input(self, x) -> torch.Tensor:
         """Model input on the model's device: the run's own transform (uint8 to [0, 1], standardization)."""

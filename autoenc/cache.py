@@ -45,7 +45,6 @@ def list_images(root: Path) -> list[str]:
 def decode(path: str, size: tuple[int, int], channels: int, crop: tuple[int, int] | None = None) -> torch.Tensor:
     """One image as uint8 (C, H, W): centre-cropped to `crop` if given, then resized to `size` (antialiased)."""
     from torchvision.io import ImageReadMode, decode_image, read_file
-    from torchvision.transforms.v2 import functional as F
 
     if os.path.splitext(path)[1].lower() in TORCHVISION_SUFFIXES:
         img = decode_image(read_file(path), ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB)
@@ -55,6 +54,13 @@ def decode(path: str, size: tuple[int, int], channels: int, crop: tuple[int, int
         with Image.open(path) as im:
             img = torch.from_numpy(np.array(im.convert("L" if channels == 1 else "RGB"))).view(im.height, im.width, -1)
         img = img.permute(2, 0, 1)
+    return fit(img, size, crop)
+
+
+def fit(img: torch.Tensor, size: tuple[int, int], crop: tuple[int, int] | None = None) -> torch.Tensor:
+    """A uint8 (C, H, W) image centre-cropped to `crop` if given, then resized to `size` (antialiased)."""
+    from torchvision.transforms.v2 import functional as F
+
     if crop:
         img = F.center_crop(img, list(crop))
     # as one channels-last image: torch's fast uint8 path for antialiased resizing (1.3× here)

@@ -50,6 +50,21 @@ def test_every_input_form_gives_the_same_codes(model, tmp_path):
     assert torch.allclose(model.encode(grey[0]), expected[:1], atol=1e-6)  # one example, without its batch axis
 
 
+def test_images_of_another_size_are_decoded_as_the_commands_decode_them(run, model, tmp_path):
+    """20×14 PNGs for an 8×8 model: the API's codes of the folder, the files and the PIL images equal those
+    `autoenc encode input=DIR` writes (one decoding path: antialiased resize, the run's crop)."""
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (14, 20), dtype=np.uint8)).save(folder / f"{i}.png")
+    cli("encode", f"ckpt={run / 'checkpoints' / 'best.ckpt'}", f"input={folder}", f"out={tmp_path / 'codes.npz'}")
+    expected = np.load(tmp_path / "codes.npz")["code"]
+    files = sorted(folder.glob("*.png"))
+    for form in (folder, files, [Image.open(f) for f in files]):
+        assert np.allclose(model.encode(form, numpy=True), expected, atol=1e-6), type(form)
+
+
 def test_the_api_answers_what_the_commands_write(run, model, tmp_path):
     ckpt = run / "checkpoints" / "best.ckpt"
     x, y = model.split("test")
