@@ -206,7 +206,6 @@ class Model:
         import lightning.pytorch as pl
 
         from autoenc import metrics
-        from autoenc.data import subset
 
         require(is_integer(probe_examples) and probe_examples >= 1, "eval.probe_examples", probe_examples,
                 "a positive integer")
@@ -227,8 +226,8 @@ class Model:
         figures["mse"] = metrics.mse(x_hat, x_te_in)
         if len(self.shape) == 3 and dm.standardize is False:
             figures["psnr"] = float(metrics.psnr(x_hat, x_te_in))
-        keep = torch.as_tensor(np.sort(np.random.default_rng(seed).permutation(len(x_tr))[:probe_examples]))
-        x_tr_in, y_tr = self._map(identity, subset(x_tr, keep), False), y_tr.cpu()[keep]
+        keep, x_tr_in = self._training_sample(x_tr, probe_examples, seed)
+        y_tr = y_tr.cpu()[keep]
         components = self.autoencoder.bottleneck.active_size(self.latent_dim)
         print(f"fitting PCA ({components} components) and linear probes on {len(x_tr_in)} training examples…", flush=True)
         figures["pca_mse"], figures["pca_components"] = metrics.pca_mse(x_tr_in, x_te_in, components)
@@ -283,6 +282,14 @@ class Model:
         moved = moved.view(len(z), len(strengths), *moved.shape[1:])
         return moved.numpy() if numpy else moved
 
+    def _training_sample(self, x, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A seeded sample of at most n training examples (positions in order) and their model inputs: what
+        PCA and the linear probes are fitted on."""
+        from autoenc.data import subset
+
+        keep = torch.as_tensor(np.sort(np.random.default_rng(seed).permutation(len(x))[:n]))
+        return keep, self._map(lambda b: b, subset(x, keep), False)
+
     def attribute_transfer(self, to, from_=None, strengths=(-2, -1, 0, 1, 2), n: int = 8,
                            probe_examples: int = 10_000, seed: int = 0) -> dict:
         """Adds the `from_` → `to` attribute vector (fitted on the training split) to n test examples that
@@ -300,9 +307,8 @@ class Model:
         x = self.input(x_te[chosen.numpy()] if isinstance(x_te, Rows) else x_te[chosen]).cpu()
         moved = self.shift(x, vector, strengths)
         x_tr, _ = self.split("train")
-        keep = np.sort(np.random.default_rng(seed).permutation(len(x_tr))[:probe_examples])
-        target = self.members(to, "train")[torch.as_tensor(keep)]
-        x_tr_in = self._map(lambda b: b, x_tr[keep] if isinstance(x_tr, Rows) else x_tr[torch.as_tensor(keep)], False)
+        keep, x_tr_in = self._training_sample(x_tr, probe_examples, seed)
+        target = self.members(to, "train")[keep]
         probe = metrics.fit_probe(x_tr_in, target.long())
         shares = [float(probe.predict(metrics.flat(moved[:, i])).mean()) for i in range(len(strengths))]
         return {"vector": vector, "examples": chosen, "input": x, "shifted": moved, "share_to": shares,
