@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Proves the lower bounds in pyproject.toml: installs the project into a fresh virtual environment with
 # every dependency it declares ([project].dependencies and the extras that `.[test]` pulls in) pinned to
-# its declared lower bound, then runs a smoke subset of the tests (training, the CLI, the use commands,
-# the data readers, the sweeper and launcher configs, resume, the loggers) and prints what was installed.
+# its declared lower bound, then runs a smoke subset of the tests (training, the CLI, the data readers,
+# the loggers) and prints what was installed.
 #
 #   scripts/check_min_deps.sh [REPO] [PYTEST ARGS...]
 #
@@ -20,8 +20,7 @@ repo=$(cd "${1:-$(dirname "$0")/..}" && pwd)
 shift $(($# > 0 ? 1 : 0))
 tests=("$@")
 if ((${#tests[@]} == 0)); then
-    tests=(tests/test_matrix.py tests/test_core_cli.py tests/test_data.py tests/test_resume.py
-           tests/test_loggers.py)
+    tests=(tests/test_matrix.py tests/test_core_cli.py tests/test_data.py tests/test_loggers.py)
 fi
 [[ -f $repo/pyproject.toml ]] || { echo "check_min_deps: no pyproject.toml in $repo" >&2; exit 2; }
 export AUTOENC_DATA_DIR="${AUTOENC_DATA_DIR:-$(dirname "$repo")/shared/data}"

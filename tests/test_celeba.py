@@ -124,7 +124,7 @@ def test_evaluate_probes_all_forty_attributes(celeba, tmp_path):
 def test_the_face_recipes_train_on_celeba(celeba, tmp_path, recipe):
     root, _, _ = celeba
     results = train_here(tmp_path / "run", f"experiment={recipe}", f"data.root={root}", "data.size=16",
-                         "data.batch_size=8", "trainer.limit_train_batches=1",
+                         "data.batch_size=8", "trainer.max_epochs=1", "trainer.limit_train_batches=1",
                          "trainer.limit_val_batches=1", "trainer.limit_test_batches=1")
     cfg = __import__("omegaconf").OmegaConf.load(tmp_path / "run" / "config.yaml")
     assert cfg.model.latent_dim == 128 and cfg.data.crop == 148 and cfg.data.augment.flip == 0.5
