@@ -77,7 +77,7 @@ def check_keys(node, path: str = "") -> None:
 
 def check_pair(bottleneck_cfg, penalty_cfg) -> None:
     """Refuses a penalty that needs what the bottleneck's codes are not, naming the bottlenecks that fit."""
-    from hydra.utils import instantiate
+    from autoenc.runs import instantiate  # a mistake in either is reported as itself
 
     bottleneck, penalty = instantiate(bottleneck_cfg), instantiate(penalty_cfg)
     if penalty.accepts(bottleneck):

@@ -23,6 +23,7 @@ from conftest import FAST, autoenc, cli_error, compose, one_line_error, train_he
     (["noise=masking", "noise.p=1.5"], "noise.p=1.5 is invalid: it must be a fraction in [0, 1]"),
     (["model=vae", "bottleneck.beta=-1"], "bottleneck.beta=-1 is invalid"),
     (["bottleneck=topk", "bottleneck.k=99"], "bottleneck.k=99 is invalid: it must be an integer from 1 to model.latent_dim"),
+    (["bottleneck=topk", "bottleneck.standardize=2"], "bottleneck.standardize=2 is invalid: it must be a momentum in [0, 1]"),
     (["model=vae", "penalty=kl"], "penalty=kl needs rates in [0, 1], which bottleneck=gaussian does not give"),
     (["data.batch_size=0"], "data.batch_size=0 is invalid"),
     (["threads=0"], "threads=0 is invalid"),
@@ -36,6 +37,7 @@ from conftest import FAST, autoenc, cli_error, compose, one_line_error, train_he
 def test_bad_input_gets_one_line_and_exit_2(tmp_path, capsys, overrides, expected):
     line = cli_error(capsys, "train", f"hydra.run.dir={tmp_path}", *overrides)
     assert line.startswith("autoenc: error: ") and expected in line
+    assert "Error in call to target" not in line  # the mistake itself, not Hydra's wrapping of it
 
 
 def test_a_refusal_from_the_installed_command_is_one_line_and_exit_2_and_leaves_no_run_directory(tmp_path, capsys):
