@@ -182,7 +182,7 @@ class TopK(ReLU):
         require(is_number(standardize) and 0 <= standardize <= 1, "bottleneck.standardize", standardize,
                 "a momentum in [0, 1] (0: off)")
         self.k, self.aux_k, self.aux_coef, self.dead_window = k, aux_k, aux_coef, dead_window
-        self.standardize, self.holding = standardize, False
+        self.standardize, self.held = standardize, None
 
     def setup(self, latent_dim):
         require(self.k <= latent_dim, "bottleneck.k", self.k, "an integer from 1 to model.latent_dim")
@@ -197,7 +197,7 @@ class TopK(ReLU):
         if not self.standardize:
             code = self.activation(h)
             return Latent(code, code, h)
-        mean, variance = self.moments(h)
+        mean, variance = self.held or self.moments(h)
         self.last = mean.detach(), variance.detach()
         centered = h - mean
         top = (centered / (variance + 1e-5).sqrt()).topk(self.k, dim=1).indices
@@ -207,8 +207,6 @@ class TopK(ReLU):
     def moments(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each unit's mean and (biased) variance of h: the global batch's in training, which the running
         estimates follow (the first batch sets them), else the running estimates."""
-        if self.holding:
-            return self.last
         if not self.training or len(h) < 2:  # (one example has no spread to standardize by)
             return self.offset.to(h.dtype), self.variance.to(h.dtype)
         mean = global_batch_mean(h)
@@ -222,11 +220,11 @@ class TopK(ReLU):
 
     @contextmanager
     def fixed(self):
-        self.holding = self.standardize and self.training and hasattr(self, "last")
+        self.held = getattr(self, "last", None) if self.training else None
         try:
             yield
         finally:
-            self.holding = False
+            self.held = None
 
     def terms(self, latent, step):
         extra, figures = super().terms(latent, step)

@@ -133,17 +133,22 @@ def tb_tags(run_dir: Path) -> dict[str, set[str]]:
     return tags
 
 
-def tb_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
-    """(step, value) of one scalar tag over a run's event files."""
+def tb_scalar_series(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar tag's (step, value) points over a run's event files, read once."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    points = []
+    series: dict[str, list] = {}
     for f in run_dir.glob("events.out.tfevents.*"):
         ea = EventAccumulator(str(f), size_guidance={"scalars": 0})
         ea.Reload()
-        if tag in ea.Tags()["scalars"]:
-            points += [(e.step, e.value) for e in ea.Scalars(tag)]
-    return sorted(points)
+        for tag in ea.Tags()["scalars"]:
+            series.setdefault(tag, []).extend((e.step, e.value) for e in ea.Scalars(tag))
+    return {tag: sorted(points) for tag, points in series.items()}
+
+
+def tb_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of one scalar tag over a run's event files."""
+    return tb_scalar_series(run_dir).get(tag, [])
 
 
 def tb_hparams(run_dir: Path) -> list:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import FAST, ROOT, autoenc, tb_hparams, tb_scalars, tb_tags, train_here
+from conftest import FAST, ROOT, autoenc, tb_hparams, tb_scalar_series, tb_scalars, train_here
 
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "eval.iwae_samples=4"]
 # Whole batches only (5 train, 1 val, 2 test per epoch), so both runs see exactly the same examples.
@@ -21,8 +21,8 @@ def hparams_entry(run_dir: Path) -> tuple[dict, set[str], dict[str, float]]:
     there is no Experiment entry), metric values (each tag's last)."""
     hparams = {k: getattr(v, v.WhichOneof("kind")) for e in tb_hparams(run_dir) if e.HasField("session_start_info")
                for k, v in e.session_start_info.hparams.items()}
-    scalars = {t for t in tb_tags(run_dir)["scalars"]}
-    return hparams, scalars, {t: tb_scalars(run_dir, t)[-1][1] for t in scalars}
+    series = tb_scalar_series(run_dir)
+    return hparams, set(series), {t: points[-1][1] for t, points in series.items()}
 
 
 @pytest.mark.slow
