@@ -9,11 +9,13 @@ import time
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.profilers import PassThroughProfiler
 from torchvision.utils import make_grid
 
 from autoenc.errors import Interrupt, UserError
+from autoenc.slurm import requeue, slurm_job
 from autoenc.viz import decoder_features, fixed_examples, image_loggers, picture, publish, square
 
 
@@ -138,37 +140,45 @@ class Pictures(Callback):
 
 
 class SafetyNet(Callback):
-    """Ctrl-C stops at the end of the current step and saves last.ckpt there, so that a resume continues
-    exactly (a second Ctrl-C stops at once, saving nothing); a non-finite training loss stops the run,
-    naming its step. The losses are checked every `log_every_n_steps` steps, at epoch ends and before
-    any checkpoint is written: one host sync per check, not per step, and no checkpoint of a diverged
-    model."""
+    """Ctrl-C, SIGTERM (a scheduler's stop, `kill`, `docker stop`) and, in a SLURM job, SIGUSR1 stop the run at
+    the end of the current step and save last.ckpt there, so that a resume continues exactly (a second
+    signal stops at once, saving nothing); a SLURM job stopped by SIGUSR1 is requeued, and resumes when it
+    restarts.
+    A non-finite training loss stops the run, naming its step. The losses are checked every
+    `log_every_n_steps` steps, at epoch ends and before any checkpoint is written: one host sync per check,
+    not per step, and no checkpoint of a diverged model."""
+
+    SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")
 
     def __init__(self, dirpath: str):
         self.last = Path(dirpath) / "last.ckpt"
         self._losses: list = []  # (optimizer step, detached loss) since the last check
-        self.stopping, self._handler = False, None
+        self.stopping, self._handlers = False, {}
 
     def _ask_to_stop(self, signum, frame):
-        Interrupt.pressed = True
+        import signal
+
+        Interrupt.signal = signum
         if self.stopping:
             raise KeyboardInterrupt
         self.stopping = True
-        print("\nstopping at the end of this step (Ctrl-C again to stop at once)", flush=True)
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: stopping at the end of this step ({name} again to stop at once)", flush=True)
 
     def on_train_start(self, trainer, pl_module):
         import signal
         import threading
 
         if threading.current_thread() is threading.main_thread():
-            self._handler = signal.signal(signal.SIGINT, self._ask_to_stop)
+            names = self.SIGNALS if slurm_job() else self.SIGNALS[:2]
+            self._handlers = {s: signal.signal(s, self._ask_to_stop) for s in (getattr(signal, n) for n in names)}
 
     def on_train_end(self, trainer, pl_module):
         import signal
 
-        if self._handler is not None:
-            signal.signal(signal.SIGINT, self._handler)
-            self._handler = None
+        for signum, handler in self._handlers.items():
+            signal.signal(signum, handler)
+        self._handlers = {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -192,10 +202,16 @@ class SafetyNet(Callback):
         self.check(trainer)
 
     def stop(self, trainer) -> None:
-        """Saves last.ckpt at this step boundary and ends the run (as Ctrl-C does in Lightning)."""
+        """Saves last.ckpt at this step boundary and ends the run (as Ctrl-C does in Lightning); a SLURM job
+        stopped by its signal is requeued first."""
+        import signal
+
         trainer.save_checkpoint(self.last, weights_only=False)
-        print(f"interrupted at step {trainer.global_step}; saved {self.last}; "
-              f"resume with: autoenc train ckpt_path={self.last}", flush=True)
+        name = signal.Signals(Interrupt.signal or signal.SIGINT).name
+        then = f"resume with: autoenc train ckpt_path={self.last}"
+        if Interrupt.signal == getattr(signal, "SIGUSR1", None) and slurm_job() and trainer.is_global_zero:
+            then = requeue(slurm_job(), self.last) or then
+        print(f"interrupted by {name} at step {trainer.global_step}; saved {self.last}; {then}", flush=True)
         Interrupt.reported = True
         raise KeyboardInterrupt
 
@@ -215,6 +231,88 @@ class SafetyNet(Callback):
             kept = f"the last good checkpoint is kept: {self.last}" if self.last.is_file() else "no checkpoint was saved yet"
             raise UserError(f"the training loss became {losses[first].item()} at step {steps[first]} (epoch "
                             f"{trainer.current_epoch}); lower model.optimizer.lr or check the data; {kept}")
+
+
+class Checkpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, with last.ckpt the last state: written at every validation whether or not
+    the monitored figure improved (Lightning writes it only when a top-k checkpoint was saved) and when
+    training ends however it ends (epochs, max_steps inside an epoch, max_time); Ctrl-C and SIGTERM are
+    SafetyNet's. Temporary files that a killed write left beside the checkpoints are removed."""
+
+    _last_step = None
+
+    def setup(self, trainer, pl_module, stage):
+        super().setup(trainer, pl_module, stage)
+        if trainer.is_global_zero and self.dirpath and Path(self.dirpath).is_dir():
+            for stale in Path(self.dirpath).glob(f".*{self.FILE_EXTENSION}.tmp"):
+                stale.unlink(missing_ok=True)
+
+    @property
+    def state_key(self) -> str:
+        return super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)  # resumes runs of before
+
+    # After Lightning's own saves at the same hook: its top-k save is skipped at a step already saved.
+    def on_train_epoch_end(self, trainer, pl_module):
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._write_last(trainer)
+
+    def on_validation_end(self, trainer, pl_module):
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._write_last(trainer)
+
+    def on_train_end(self, trainer, pl_module):
+        self._write_last(trainer)
+
+    def _write_last(self, trainer) -> None:
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        if (self.save_last and not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING
+                and self._last_step != trainer.global_step):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        self._last_step = trainer.global_step
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file beside it, flushed and fsynced, then renamed over it, so the
+    previous checkpoint stays whole through a kill or a full disk wherever $TMPDIR is (Lightning's fsspec
+    transaction writes in $TMPDIR and, on another filesystem, copies onto the destination). A full disk is
+    one line naming the directory and the space the checkpoint needs."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        import errno
+        import io
+        import os
+
+        if "://" in str(path):  # a remote store: fsspec's own
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(buffer.getbuffer())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            if e.errno == errno.ENOSPC:
+                raise UserError(f"no space left on device for {path.name} in {path.parent}: it needs "
+                                f"{buffer.getbuffer().nbytes / 2**20:.1f} MiB; the previous {path.name} is kept; "
+                                "free some space and resume, or point hydra.run.dir= at another disk") from None
+            raise
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself survives a crash
+        finally:
+            os.close(directory)
 
 
 class Bundle(Callback):

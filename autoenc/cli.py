@@ -63,6 +63,12 @@ Each command is a Hydra app: `autoenc <command> --help` lists its config groups 
 """
 
 
+def _quiet_full_disk(args) -> None:
+    """A full disk in a writer thread (TensorBoard's) is said once, by the main thread's write: no traceback."""
+    if not (issubclass(args.exc_type, OSError) and getattr(args.exc_value, "errno", None) == errno.ENOSPC):
+        threading.__excepthook__(args)
+
+
 def _fail(message: str) -> None:
     print(f"autoenc: error: {' '.join(str(message).split())}", file=sys.stderr)
     sys.exit(2)
@@ -86,13 +92,15 @@ def _task(command: str):
 
         env = dict(os.environ)
         _relaunchable(command)
-        Interrupt.pressed = Interrupt.reported = False
-        handler = signal.signal(signal.SIGINT, _pressed) if threading.current_thread() is threading.main_thread() else None
+        Interrupt.signal, Interrupt.reported = None, False
+        handlers = _catch_stop_signals()
         try:
             if "run" not in cfg:
                 raise UserError(f"command/{command}.yaml names no function; add `run: module:function` to it")
             _refuse_added_keys(cfg, command)
             validate(cfg)
+            if _in_sweep():
+                _claim_job(cfg, command)
             set_threads(cfg.get("threads"))
             return _objective(cfg, function(cfg.run)(cfg))
         except (UserError, InstantiationException, OmegaConfBaseException) as e:
@@ -100,40 +108,51 @@ def _task(command: str):
                 raise
             if _in_sweep():
                 return _job_failed(e)
-            _remove_stub_run_dir()
+            _release()
             _fail(str(e))
         except OSError as e:
             if e.errno != errno.ENOSPC or _full_error():
                 raise
+            _release()
             _fail(f"no space left on device writing {e.filename or 'the run directory'}; free some space or "
                   "point hydra.run.dir= at another disk")
         except KeyboardInterrupt:
             _interrupted(command)
-        except SystemExit as e:  # Lightning ends a fit or test that Ctrl-C stopped with exit code 1
-            if e.code == 1 and Interrupt.pressed:
+        except SystemExit as e:  # Lightning ends a fit or test that a signal stopped with exit code 1
+            if e.code == 1 and Interrupt.signal:
                 _interrupted(command)
             raise
         finally:
-            if handler is not None:
-                signal.signal(signal.SIGINT, handler)
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+            _release()
             _end_distributed(env)
 
     return task
 
 
-def _pressed(signum, frame) -> None:
-    """Ctrl-C outside training (SafetyNet has its own handler while a model trains)."""
-    Interrupt.pressed = True
+def _catch_stop_signals() -> dict:
+    """Ctrl-C and SIGTERM outside training (SafetyNet has its own handlers while a model trains) stop the
+    command with one line and exit code 128 + the signal's number; returns the handlers they replace."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.signal(s, _stopped) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _stopped(signum, frame) -> None:
+    Interrupt.signal = signum
     raise KeyboardInterrupt
 
 
 def _interrupted(command: str) -> None:
-    """Ctrl-C: one line saying what was saved (training's SafetyNet has said it already), exit code 130."""
+    """A stop signal: one line saying what was saved (training's SafetyNet has said it already), exit code
+    128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM), so that a scheduler sees an interrupted job."""
+    signum = Interrupt.signal or signal.SIGINT
     if not Interrupt.reported:
-        _remove_stub_run_dir()
-        print(f"autoenc: interrupted: `autoenc {command}` stopped before it finished and wrote nothing more",
-              file=sys.stderr, flush=True)
-    sys.exit(130)
+        _release()
+        print(f"autoenc: interrupted: `autoenc {command}` stopped by {signal.Signals(signum).name} before it "
+              "finished and wrote nothing more", file=sys.stderr, flush=True)
+    sys.exit(128 + signum)
 
 
 def _refuse_added_keys(cfg, command: str) -> None:
@@ -171,20 +190,33 @@ def set_threads(threads) -> None:
         torch.set_num_threads(threads)
 
 
-def _remove_stub_run_dir() -> None:
-    """A refused run leaves no directory behind that holds only Hydra's .hydra/ and log: nothing ran.
-    A directory with anything else in it (a run being resumed, a user's folder) is left alone."""
-    import shutil
-
+def _release() -> None:
+    """Releases this job's run directory; one that a refused run created is removed with its empty parents."""
     from hydra.core.hydra_config import HydraConfig
 
-    if not HydraConfig.initialized() or HydraConfig.get().output_subdir is None:
-        return
-    out = Path(HydraConfig.get().runtime.output_dir)
-    entries = list(out.iterdir()) if out.is_dir() else []
-    hydra_files = list((out / ".hydra").iterdir()) if (out / ".hydra").is_dir() else []
-    if all(e.name in (".hydra", ".lock") or e.suffix == ".log" for e in entries) and all(f.suffix == ".yaml" for f in hydra_files):
-        shutil.rmtree(out, ignore_errors=True)
+    from autoenc.rundir import release
+
+    from omegaconf import OmegaConf
+
+    out = OmegaConf.select(HydraConfig.get(), "runtime.output_dir", default=None) if HydraConfig.initialized() else None
+    if out:
+        release(Path(out))
+
+
+def _claim_job(cfg, command: str) -> None:
+    """A sweep's job takes its own directory as a single run does (its lock and its checks)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from autoenc.rundir import claim
+
+    claim(Path(HydraConfig.get().runtime.output_dir), command=_command_line(command), ckpt_path=cfg.get("ckpt_path"),
+          overwrite=bool(cfg.get("overwrite")), resume=bool(cfg.get("resume")), what="hydra.sweep.dir")
+
+
+def _command_line(command: str) -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    return " ".join([command, *HydraConfig.get().overrides.task]) if HydraConfig.initialized() else command
 
 
 def _in_sweep() -> bool:
@@ -200,8 +232,11 @@ def _job_failed(error: Exception) -> float:
 
     from hydra.core.hydra_config import HydraConfig
 
+    from omegaconf import OmegaConf
+
     out = Path(HydraConfig.get().runtime.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    (out / ".hydra").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(HydraConfig.get().overrides.task, out / ".hydra" / "overrides.yaml")  # for the summary
     message = " ".join(str(error).split())
     (out / "error.txt").write_text(message + "\n")
     logging.getLogger("autoenc").error(f"job {HydraConfig.get().job.num} failed: {message} ({out / 'error.txt'})")
@@ -231,38 +266,88 @@ def _end_distributed(env: dict[str, str]) -> None:
 
 
 class RunDirectory(Callback):
-    """A run directory belongs to one run. Before Hydra writes into it: a resume (`ckpt_path=` a checkpoint
-    of a run, no hydra.run.dir given) goes back into that run's directory; a directory that another live
-    run holds (its `.lock`) or that already holds a run's results or checkpoints is refused in one line,
-    unless this is a resume of that run or `overwrite=true`; the lock is held until the run ends."""
-
-    lock: Path | None = None
+    """A run (or sweep) directory belongs to one run (sweep), before Hydra writes into it: the default name
+    (no hydra.run.dir=) is resolved once and, if another run holds it, becomes <name>_2, _3…; a resume
+    (`ckpt_path=` a checkpoint of a run, no hydra.run.dir given) goes back into that run's directory; in a
+    SLURM job the default is outputs/slurm/<job>_<model>_<data>, which a requeued job continues; a
+    directory given by hand that another live run holds (its `.lock`) or that holds an earlier run is
+    refused in one line, unless this resumes it or says `overwrite=true`. The lock is held until the end."""
 
     def on_run_start(self, config, **kwargs) -> None:
+        from hydra.core.hydra_config import HydraConfig
         from omegaconf import read_write
 
-        from autoenc.errors import UserError
-        from autoenc.runs import claim, run_dir_of
+        from autoenc.rundir import further_rank, run_dir_of
+        from autoenc.slurm import restarted, slurm_job
 
-        if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
-            return  # a further DDP rank: rank 0 holds the directory
-        ckpt = config.get("ckpt_path")
+        if further_rank():
+            return
+        HydraConfig.instance().set_config(config)  # the default name reads ${hydra:runtime.choices…}
         given = any(o.startswith("hydra.run.dir=") for o in config.hydra.overrides.hydra)
+        ckpt, resume = config.get("ckpt_path"), bool(config.get("resume"))
+        out, default = Path(str(config.hydra.run.dir)), not given
         if ckpt and not given and run_dir_of(ckpt) is not None:
-            with read_write(config.hydra.run):
-                config.hydra.run.dir = str(run_dir_of(ckpt))
-        out = Path(str(config.hydra.run.dir)).absolute()
-        try:
-            self.lock = claim(out, ckpt, bool(config.get("overwrite")), " ".join(sys.argv[1:]))
-        except UserError as e:  # Hydra turns a callback's exception into a warning: stop here instead
-            if _full_error():
-                raise SystemExit(f"autoenc: error: {e}") from e
-            _fail(str(e))
-        atexit.register(self.lock.unlink, missing_ok=True)  # also when the run ends in an error
+            out, default = run_dir_of(ckpt), False
+        elif not given and slurm_job():
+            choices = config.hydra.runtime.choices
+            out = Path("outputs") / "slurm" / f"{slurm_job()}_{choices.model}_{choices.data}"
+            if restarted():  # a requeued job: continue the run its first start began
+                resume, default, config.resume = True, False, True
+        elif resume and not given:
+            _fail("resume=true continues the run in hydra.run.dir=: name that directory (or resume a checkpoint "
+                  "with ckpt_path=…)")
+        found = _claim(out, config, resume=resume, default=default, what="hydra.run.dir")
+        with read_write(config.hydra.run):
+            config.hydra.run.dir = str(found.dir)
 
     def on_run_end(self, config, **kwargs) -> None:
-        if self.lock is not None:
-            self.lock.unlink(missing_ok=True)
+        from autoenc.rundir import release_all
+
+        release_all()
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        from hydra.core.hydra_config import HydraConfig
+        from omegaconf import OmegaConf, read_write
+
+        HydraConfig.instance().set_config(config)
+        given = any(o.startswith("hydra.sweep.dir=") for o in config.hydra.overrides.hydra)
+        resume = bool(config.get("resume"))
+        if resume and not given:
+            _fail("resume=true continues the sweep in hydra.sweep.dir=: name that directory")
+        out = Path(str(config.hydra.sweep.dir))
+        if resume and (out / "multirun.yaml").is_file():
+            ours = [o for o in config.hydra.overrides.task if not o.startswith(("resume=", "overwrite="))]
+            before = [o for o in OmegaConf.load(out / "multirun.yaml").hydra.overrides.task
+                      if not o.startswith(("resume=", "overwrite="))]
+            if sorted(ours) != sorted(before):
+                _fail(f"{out.absolute()} holds the sweep `{' '.join(before)}`; resume=true continues it only with the "
+                      f"same overrides (these are `{' '.join(ours)}`); choose another hydra.sweep.dir= for a new sweep")
+        found = _claim(out, config, resume=resume, default=not given, what="hydra.sweep.dir")
+        found.accept()  # a replaced sweep goes now: its jobs are the new sweep's to write
+        with read_write(config.hydra.sweep):
+            config.hydra.sweep.dir = str(found.dir)
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        from autoenc.rundir import release_all
+
+        release_all()
+
+
+def _claim(out: Path, config, **how):
+    """rundir.claim for a Hydra callback: a refusal is one line and exit code 2 (Hydra would turn a callback's
+    exception into a warning and go on); the lock goes when the process ends, however it ends."""
+    from autoenc.errors import UserError
+    from autoenc.rundir import claim
+
+    try:
+        found = claim(out, command=" ".join(sys.argv[1:]), ckpt_path=config.get("ckpt_path"),
+                      overwrite=bool(config.get("overwrite")), **how)
+    except UserError as e:
+        if _full_error():
+            raise SystemExit(f"autoenc: error: {e}") from e
+        _fail(str(e))
+    atexit.register(found.release)
+    return found
 
 
 class SweepSummary(Callback):
@@ -329,6 +414,8 @@ def main(argv: list[str] | None = None) -> None:
     import hydra
 
     from hydra.errors import HydraException, OverrideParseException
+
+    threading.excepthook = _quiet_full_disk
     from omegaconf.errors import OmegaConfBaseException
 
     extra = [a for d in config_dirs()[1:] for a in ("--config-dir", str(d))]  # searched after CONFIGS

@@ -21,7 +21,8 @@ def is_integer(v) -> bool:
 
 
 class Interrupt:
-    """Ctrl-C in this process: whether it was pressed, and whether a line has already said what was saved."""
+    """A stop signal to this process (Ctrl-C's SIGINT, SIGTERM, SLURM's SIGUSR1): which one, if any, and
+    whether a line has already said what was saved. The process then exits with 128 + its number."""
 
-    pressed = False
+    signal: int | None = None
     reported = False

@@ -13,6 +13,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from autoenc.errors import UserError, is_integer, require
+from autoenc.rundir import run_dir_of
 
 log = logging.getLogger("autoenc")
 
@@ -152,10 +153,10 @@ def make_trainer(cfg: DictConfig, *extra_callbacks):
     trainer.enable_progress_bar is on, as Lightning requires; no checkpoint callback that never saves).
     autoenc's own callbacks and the model summary, which keep no state, reach Lightning as one callback
     (carried by the progress bar where there is one); without a profiler asked for, NoProfiler."""
-    from lightning.pytorch.callbacks import ModelSummary
+    from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary
     from lightning.pytorch.callbacks import ProgressBar as AnyProgressBar
 
-    from autoenc.callbacks import Bundle, NoProfiler, ProgressBar, share
+    from autoenc.callbacks import AtomicCheckpointIO, Bundle, NoProfiler, ProgressBar, share
 
     epochs = cfg.trainer.get("max_epochs")
     require(epochs in (None, -1) or (is_integer(epochs) and epochs >= 1), "trainer.max_epochs", epochs,
@@ -163,7 +164,8 @@ def make_trainer(cfg: DictConfig, *extra_callbacks):
     made = [cb for cb in (instantiate(c) for c in cfg.callbacks.values() if c and not never_saves(c))
             if cfg.trainer.enable_progress_bar or not isinstance(cb, AnyProgressBar)]
     bar = next((cb for cb in made if isinstance(cb, ProgressBar)), None)
-    ours = [cb for cb in made if type(cb).__module__.startswith("autoenc.") and cb is not bar]
+    ours = [cb for cb in made if type(cb).__module__.startswith("autoenc.") and cb is not bar
+            and not isinstance(cb, ModelCheckpoint)]
     ours += [ModelSummary()] if cfg.trainer.get("enable_model_summary", True) else []
     if bar is not None:
         bar.callbacks = share(bar, ours)
@@ -174,54 +176,8 @@ def make_trainer(cfg: DictConfig, *extra_callbacks):
     loggers = [instantiate(c) for c in cfg.logger.values() if c] if cfg.logger else False
     profiler = {} if cfg.trainer.get("profiler") else {"profiler": NoProfiler()}
     return instantiate(cfg.trainer, callbacks=callbacks + list(extra_callbacks), logger=loggers,
-                       enable_model_summary=False, **profiler)
+                       enable_model_summary=False, plugins=[AtomicCheckpointIO()], **profiler)
 
-
-
-
-def run_dir_of(ckpt) -> Path | None:
-    """The run directory a checkpoint belongs to: the nearest folder above it that holds a run's .hydra/."""
-    path = Path(str(ckpt)).expanduser().absolute()
-    return next((d for d in path.parents if (d / ".hydra").is_dir()), None)
-
-
-def claim(out: Path, ckpt_path, overwrite: bool, command: str) -> Path:
-    """Takes the run directory `out` for this run: refuses, in one line, a directory another live run is
-    writing (its .lock, created exclusively) and one that holds another run's results or checkpoints
-    (unless `ckpt_path` resumes that run, or `overwrite`); returns the lock's path."""
-    held = [name for name, there in (("results.json", (out / "results.json").is_file()),
-                                     ("checkpoints", any((out / "checkpoints").glob("*.ckpt")))) if there]
-    if held and not overwrite and not (ckpt_path and run_dir_of(ckpt_path) == out):
-        raise UserError(f"{out} already holds a run ({' and '.join(held)}); resume it with "
-                        f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}, choose another hydra.run.dir=, or "
-                        "add overwrite=true to train over it")
-    lock = out / ".lock"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                with open(lock, "x") as f:  # exclusive: of two runs started together, one gets it
-                    f.write(f"{os.getpid()}\n{command}\n")
-                return lock
-            except FileExistsError:
-                pid, _, holder = lock.read_text().partition("\n")
-                if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
-                    raise UserError(f"{out} is being written by another run (process {pid}: autoenc "
-                                    f"{holder.strip()}); wait for it, or choose another hydra.run.dir=") from None
-                lock.unlink(missing_ok=True)  # left by a run that was killed (or by this process)
-    except OSError as e:
-        raise UserError(f"cannot write the run directory {out} ({e.strerror}); choose another hydra.run.dir=") from None
-    raise UserError(f"cannot take the run directory {out}: its .lock keeps reappearing; choose another hydra.run.dir=")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass
@@ -266,19 +222,16 @@ def load_run(path, iwae_samples: int | None = None, on: str | None = None) -> Ru
     path = find_checkpoint(path)
     ckpt = load_checkpoint(path)
     # the run directory: the nearest folder above the checkpoint that holds the run's .hydra/
-    run_dir = next((d for d in path.resolve().parents if (d / ".hydra").is_dir()),
-                   path.parent.parent if path.parent.name == "checkpoints" else path.parent)
+    run_dir = run_dir_of(path.resolve()) or (path.parent.parent if path.parent.name == "checkpoints" else path.parent)
     saved = run_dir / ".hydra" / "config.yaml"
-    if saved.is_file():
-        run_cfg = OmegaConf.load(saved)
-    elif "autoenc_config" in ckpt:
+    if "autoenc_config" in ckpt:  # what the weights were trained with, which no later command can rewrite
         run_cfg = OmegaConf.create(ckpt["autoenc_config"])
+    elif saved.is_file():
+        run_cfg = OmegaConf.load(saved)
     else:
         raise UserError(f"{path} stores no config and {saved} is missing; use a checkpoint inside "
                         "the run directory that `autoenc train` wrote")
     run_cfg.paths.output_dir = str(run_dir)
-    if "likelihood" in ckpt.get("autoenc_config", {}):  # the likelihood the run resolved (likelihood=auto)
-        run_cfg.likelihood = ckpt["autoenc_config"]["likelihood"]
     if iwae_samples is not None:
         run_cfg.model.iwae_samples = iwae_samples
     configure_lightning()

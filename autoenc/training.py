@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger("autoenc")
 
 from autoenc.errors import UserError
+from autoenc.rundir import begin
 from autoenc.runs import build, check_range, configure_lightning, load_checkpoint, make_trainer, restore, write_json
 
 
@@ -20,7 +21,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     configure_lightning()
     out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if cfg.get("resume") and not cfg.ckpt_path:  # resume=true: continue the run in this directory, if any
+        if (out / "results.json").is_file():
+            log.info(f"{out} has finished already (results.json): nothing to resume")
+            return json.loads((out / "results.json").read_text())
+        if (out / "checkpoints" / "last.ckpt").is_file():
+            cfg.ckpt_path = str(out / "checkpoints" / "last.ckpt")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, model = build(cfg)
     if not len(datamodule.splits["train"][0]):
@@ -30,10 +36,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if not len(datamodule.splits["val"][0]):
         log.warning("no validation split (data.val_fraction=0): no best.ckpt is chosen and the test uses the "
                     "final weights (last.ckpt)")
-    model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    model.run_config = OmegaConf.to_container(cfg)  # interpolations kept: the data root is found anew where the model is used
     trainer = make_trainer(cfg)
     if cfg.ckpt_path:
         restore(model, load_checkpoint(cfg.ckpt_path), cfg.ckpt_path)  # a clear error before Lightning reads it
+    begin(out, cfg)  # accepted: from here the run writes into its directory
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     ckpt = next((cb for cb in trainer.checkpoint_callbacks if cb.monitor), None)  # the best-by-val/loss one
     best = ckpt.best_model_path if ckpt else ""

@@ -207,7 +207,7 @@ def test_a_run_directory_belongs_to_one_run(tmp_path, capsys):
     line = cli_error(capsys, *train_run, "model=vae")
     assert line == (f"autoenc: error: {run} already holds a run (results.json and checkpoints); resume it with "
                     f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}, choose another hydra.run.dir=, or add "
-                    "overwrite=true to train over it")
+                    "overwrite=true to replace it")
     assert (run / "results.json").read_text() == before and not (run / "samples.png").exists()
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -266,4 +266,4 @@ def test_ctrl_c_outside_training_is_one_line_and_exit_130(tmp_path, monkeypatch,
         cli_here("evaluate", f"ckpt={tmp_path / 'x.ckpt'}")
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 130
-    assert err == ["autoenc: interrupted: `autoenc evaluate` stopped before it finished and wrote nothing more"]
+    assert err == ["autoenc: interrupted: `autoenc evaluate` stopped by SIGINT before it finished and wrote nothing more"]

@@ -96,7 +96,8 @@ def test_ctrl_c_from_the_terminal_stops_at_a_step_and_saves(tmp_path):
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
     assert "Traceback" not in out and "stopping at the end of this step" in out
-    step = int(out.split("interrupted at step ")[1].split(";")[0])
+    assert proc.returncode == 130
+    step = int(out.split("interrupted by SIGINT at step ")[1].split(";")[0])
     assert torch.load(last, weights_only=True)["global_step"] == step > 0
 
 
