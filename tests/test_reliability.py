@@ -104,6 +104,14 @@ def test_array_files_that_cannot_be_used_are_refused_in_one_line_leaving_no_run_
     assert line.endswith(f"input={tmp_path / 'missing.npy'} does not exist; give a folder of images or a .npy/.npz/.pt file")
 
 
+def test_an_array_of_examples_without_features_is_refused_in_one_line_leaving_no_run_directory(tmp_path, capsys):
+    np.save(tmp_path / "empty.npy", np.zeros((10, 0), np.float32))
+    line = cli_error(capsys, "train", f"hydra.run.dir={tmp_path / 'run'}", "data=array", f"data.path={tmp_path / 'empty.npy'}")
+    assert line == (f"autoenc: error: {tmp_path / 'empty.npy'} holds an array of shape (10, 0): its examples have no "
+                    "features; give each example at least one value")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("content, expected", [
     (lambda good: good[: len(good) // 2], "truncated or not a checkpoint"),
     (lambda good: b"hello, not a checkpoint", "is not a checkpoint (a .ckpt file that `autoenc train` wrote)"),
