@@ -105,7 +105,7 @@ class Model:
             try:
                 return cache.decode(str(Path(item).expanduser()), (h, w), c, crop)
             except (OSError, RuntimeError, ValueError) as e:
-                raise UserError(f"cannot read image {item}: {' '.join(str(e).split())}") from None
+                raise UserError(f"cannot read image {item}: {cache.reason(e)}; give the path of a readable image") from None
         pixels = np.array(item.convert("L" if c == 1 else "RGB"), dtype=np.uint8).reshape(item.height, item.width, -1)
         return cache.fit(torch.from_numpy(pixels).permute(2, 0, 1), (h, w), crop)
 
@@ -343,16 +343,21 @@ def train(overrides: list[str] | tuple[str, ...] = (), run_dir: str | Path | Non
     outputs/<date>/<time>_<model>_<data>); returns the run. Mistakes raise autoenc.UserError."""
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import HydraException
     from omegaconf import OmegaConf, open_dict
+    from omegaconf.errors import OmegaConfBaseException
 
-    from autoenc.cli import set_threads
+    from autoenc.cli import composition_error, remove_stub_run_dir, set_threads
     from autoenc.paths import CONFIGS
     from autoenc.schema import validate
     from autoenc.training import train as fit
 
     overrides = [str(o) for o in overrides]
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    try:
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise UserError(composition_error(e, "train", overrides)) from None
     HydraConfig.instance().set_config(cfg)  # resolves ${hydra:…} and ${now:…} in the run directory's name
     out = Path(run_dir) if run_dir is not None else Path(cfg.hydra.run.dir)
     with open_dict(cfg):
@@ -363,4 +368,8 @@ def train(overrides: list[str] | tuple[str, ...] = (), run_dir: str | Path | Non
     (out / ".hydra").mkdir(parents=True, exist_ok=True)
     (out / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     (out / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)))
-    return TrainedRun(out, fit(cfg))
+    try:
+        return TrainedRun(out, fit(cfg))
+    except UserError:  # a setting the model or the data refused as they were built: as the CLI, no directory
+        remove_stub_run_dir(out)
+        raise

@@ -172,15 +172,18 @@ def set_threads(threads) -> None:
 
 
 def _remove_stub_run_dir() -> None:
+    """The refused Hydra job's run directory goes, if it holds only what Hydra wrote (remove_stub_run_dir)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized() and HydraConfig.get().output_subdir is not None:
+        remove_stub_run_dir(Path(HydraConfig.get().runtime.output_dir))
+
+
+def remove_stub_run_dir(out: Path) -> None:
     """A refused run leaves no directory behind that holds only Hydra's .hydra/ and log: nothing ran.
     A directory with anything else in it (a run being resumed, a user's folder) is left alone."""
     import shutil
 
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized() or HydraConfig.get().output_subdir is None:
-        return
-    out = Path(HydraConfig.get().runtime.output_dir)
     entries = list(out.iterdir()) if out.is_dir() else []
     hydra_files = list((out / ".hydra").iterdir()) if (out / ".hydra").is_dir() else []
     if all(e.name in (".hydra", ".lock") or e.suffix == ".log" for e in entries) and all(f.suffix == ".yaml" for f in hydra_files):
@@ -311,6 +314,23 @@ def _objective(cfg, results):
     return results.get(name, float("nan"))
 
 
+def composition_error(error: Exception, command: str, overrides: list[str]) -> str:
+    """The one line for a config that Hydra could not compose (an unknown option or key, a value it cannot
+    parse), as the CLI prints it and the Python API raises it."""
+    from hydra.errors import OverrideParseException
+
+    if isinstance(error, OverrideParseException):
+        bad = next((a for a in overrides if a in str(error)), str(error).splitlines()[0])
+        key, _, value = bad.partition("=")
+        return (f"cannot parse {bad!r}: a value with spaces or other special characters must be quoted for Hydra, "
+                f"inside the shell's quotes: '{key}=\"{value}\"'")
+    message = str(error).split("Config search path")[0]
+    top = re.match(r"Could not override '(\w+)'\.", message)  # a top-level key: Hydra's `+` hint would not help
+    if top:
+        message = f"Could not override '{top[1]}': `autoenc {command}` has no key {top[1]}"
+    return " ".join(f"{message} (see `autoenc {command} --help`)".split())
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     from omegaconf import OmegaConf
@@ -328,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"{found[command]} must start with the line `# @package _global_`: it is the command's root config")
     import hydra
 
-    from hydra.errors import HydraException, OverrideParseException
+    from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     extra = [a for d in config_dirs()[1:] for a in ("--config-dir", str(d))]  # searched after CONFIGS
@@ -346,21 +366,10 @@ def main(argv: list[str] | None = None) -> None:
         if _full_error():
             raise
         _fail(str(e))
-    except OverrideParseException as e:
-        if _full_error():
-            raise
-        bad = next((a for a in rest if a in str(e)), str(e).splitlines()[0])
-        key, _, value = bad.partition("=")
-        _fail(f"cannot parse {bad!r}: a value with spaces or other special characters must be quoted for Hydra, "
-              f"inside the shell's quotes: '{key}=\"{value}\"'")
     except (HydraException, OmegaConfBaseException) as e:
         if _full_error():
             raise
-        message = str(e).split("Config search path")[0]
-        top = re.match(r"Could not override '(\w+)'\.", message)  # a top-level key: Hydra's `+` hint would not help
-        if top:
-            message = f"Could not override '{top[1]}': `autoenc {command}` has no key {top[1]}"
-        _fail(f"{message} (see `autoenc {command} --help`)")
+        _fail(composition_error(e, command, rest))
 
 
 if __name__ == "__main__":
