@@ -324,10 +324,14 @@ def composition_error(error: Exception, command: str, overrides: list[str]) -> s
         key, _, value = bad.partition("=")
         return (f"cannot parse {bad!r}: a value with spaces or other special characters must be quoted for Hydra, "
                 f"inside the shell's quotes: '{key}=\"{value}\"'")
+    from autoenc.schema import misspelt
+
     message = str(error).split("Config search path")[0]
-    top = re.match(r"Could not override '(\w+)'\.", message)  # a top-level key: Hydra's `+` hint would not help
-    if top:
-        message = f"Could not override '{top[1]}': `autoenc {command}` has no key {top[1]}"
+    key = re.match(r"Could not override '([\w.]+)'\.", message)  # Hydra's hint, to add it with `+`, would not help
+    if key and "." not in key[1]:
+        message = f"Could not override '{key[1]}': `autoenc {command}` has no key {key[1]}"
+    elif key and (nearest := misspelt(f"command/{command}", overrides, key[1])):
+        return nearest
     return " ".join(f"{message} (see `autoenc {command} --help`)".split())
 
 

@@ -75,6 +75,29 @@ def check_keys(node, path: str = "") -> None:
         check_keys(value, name)
 
 
+def misspelt(config_name: str, overrides: list[str], key: str) -> str | None:
+    """For `KEY=…` that Hydra cannot override (the config has no KEY): the refusal that `+KEY=…` gets, which
+    names the nearest setting (Hydra's own hint, to add KEY with `+`, adds a setting nothing reads); None
+    where no group's keys are checked."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    group = key.split(".")[0]
+    if group not in GROUPS:
+        return None
+    added = [f"+{o}" if o.split("=")[0] == key else o for o in overrides if "=" in o and not o.startswith("-")]
+    try:
+        with initialize_config_dir(config_dir=str(config_dirs()[0]), version_base="1.3"):
+            cfg = compose(config_name, overrides=added)
+        check_keys(OmegaConf.to_container(cfg[group], resolve=False), group)
+    except UserError as e:
+        return str(e)
+    except (HydraException, OmegaConfBaseException):  # composes only as a sweep, or from another config directory
+        pass
+    return None
+
+
 def check_pair(bottleneck_cfg, penalty_cfg) -> None:
     """Refuses a penalty that needs what the bottleneck's codes are not, naming the bottlenecks that fit."""
     from autoenc.runs import instantiate  # a mistake in either is reported as itself

@@ -132,8 +132,8 @@ def test_train_from_python_returns_the_run_its_results_and_its_model(tmp_path):
 @pytest.mark.parametrize("override, expected", [
     ("model=nope", "In 'train': Could not find 'model/nope' Available options in 'model': ae contractive denoising "
                    "sparse vae (see `autoenc train --help`)"),
-    ("model.latnt_dim=3", "Could not override 'model.latnt_dim'. To append to your config use +model.latnt_dim=3 "
-                          "(see `autoenc train --help`)"),
+    ("model.latnt_dim=3", "model.latnt_dim is not a setting of model (autoenc.module.AutoencoderModule); "
+                          "did you mean model.latent_dim?"),
 ])
 def test_train_from_python_refuses_a_config_hydra_cannot_compose_with_the_clis_line(tmp_path, capsys, override, expected):
     from conftest import cli_error

@@ -16,7 +16,8 @@ from conftest import FAST, autoenc, cli_error, compose, one_line_error, train_he
 
 @pytest.mark.parametrize("overrides, expected", [
     (["model=foo"], "Available options in 'model': ae contractive denoising sparse vae"),
-    (["model.latnet_dim=3"], "Could not override 'model.latnet_dim'"),
+    (["model.latnet_dim=3"], "model.latnet_dim is not a setting of model (autoenc.module.AutoencoderModule); "
+                             "did you mean model.latent_dim?"),
     (["+model.latnet_dim=3"], "model.latnet_dim is not a setting of model (autoenc.module.AutoencoderModule); "
                               "did you mean model.latent_dim?"),
     (["model.latent_dim=0"], "model.latent_dim=0 is invalid: it must be a positive integer"),
