@@ -268,10 +268,12 @@ class Model:
     def attribute(self, to, from_=None, split: str = "train") -> torch.Tensor:
         """The attribute vector: the mean code of the examples with `to` minus the mean code of those with
         `from_` (default: all the others), over a split ("smiling face − neutral face = smile vector")."""
-        x, _ = self.split(split)
-        codes = torch.as_tensor(self.encode(x))
         with_to = self.members(to, split)
         with_from = ~with_to if from_ is None else self.members(from_, split)
+        if torch.equal(with_from, with_to):
+            raise UserError(f"from={from_} and to={to} name the same group, whose attribute vector is zero; choose "
+                            "two different labels or attributes, or leave from= out (all the others)")
+        codes = torch.as_tensor(self.encode(self.split(split)[0]))
         return codes[with_to].mean(0) - codes[with_from].mean(0)
 
     def shift(self, x, vector, strengths=(-2, -1, 0, 1, 2), numpy: bool = False):

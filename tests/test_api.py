@@ -164,3 +164,6 @@ def test_the_attribute_command_writes_its_grid_and_how_far_the_examples_moved(ru
     assert Image.open(tmp_path / "a.png").size[0] > 4 * 64  # input + 3 strengths, tiles ≥ 64 px
     line = one_line_error(cli("attribute", f"ckpt={run}", "to=Smiling", check=False))
     assert "'Smiling' is neither a label nor an attribute of this data" in line
+    line = one_line_error(cli("attribute", f"ckpt={run}", "from=1", "to=1", check=False))
+    assert line == ("autoenc: error: from=1 and to=1 name the same group, whose attribute vector is zero; choose two "
+                    "different labels or attributes, or leave from= out (all the others)")
