@@ -22,8 +22,9 @@ from autoenc.errors import UserError
 
 log = logging.getLogger("autoenc")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-TORCHVISION_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp"}  # what torchvision.io decodes; PIL the rest
-VERSION = 1  # bumped when the decoding changes, so that older caches are rebuilt
+# what torchvision.io decodes to the asked channels; PIL the rest (torchvision's GIF and WEBP decoders ignore GRAY)
+TORCHVISION_SUFFIXES = {".png", ".jpg", ".jpeg"}
+VERSION = 2  # bumped when the decoding changes, so that older caches are rebuilt
 
 
 def default_dir() -> Path:
@@ -33,6 +34,8 @@ def default_dir() -> Path:
 
 def list_images(root: Path) -> list[str]:
     """Every image file under root (any depth), as paths in sorted order (by component, as pathlib sorts)."""
+    if Path(root).is_file():
+        raise UserError(f"{root} is a file, not a folder of images; give the folder that holds the images")
     if not Path(root).is_dir():
         raise UserError(f"image folder {root} does not exist; give a folder of images")
     found = [os.path.join(d, f) for d, _, names in os.walk(root) for f in names
