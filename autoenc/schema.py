@@ -27,17 +27,22 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"{missing[0]} is required; set it on the command line ({missing[0]}=…)")
     if cfg.get("bottleneck") and cfg.get("penalty"):
         check_pair(cfg.bottleneck, cfg.penalty)
-    check_accelerator(OmegaConf.select(cfg, "trainer.accelerator"))
+    check_accelerator(OmegaConf.select(cfg, "trainer.accelerator"), OmegaConf.select(cfg, "trainer.precision"))
 
 
-def check_accelerator(accelerator) -> None:
-    """A GPU asked for where none is visible: one line, instead of Lightning's exception."""
-    if accelerator in ("gpu", "cuda"):
-        import torch
+def check_accelerator(accelerator, precision=None) -> None:
+    """A GPU asked for where none is visible, or float16 autocast on the CPU (where Lightning trains in bf16
+    instead while the saved config says 16): one line, instead of Lightning's exception or switch."""
+    import torch
 
-        if not torch.cuda.is_available():
-            raise UserError(f"trainer.accelerator={accelerator} needs a CUDA GPU and none is visible here; "
-                            "use trainer=cpu (or trainer.accelerator=auto)")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError(f"trainer.accelerator={accelerator} needs a CUDA GPU and none is visible here; "
+                        "use trainer=cpu (or trainer.accelerator=auto)")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()
+                                      and not torch.backends.mps.is_available())
+    if str(precision) in ("16", "16-mixed") and on_cpu:
+        raise UserError(f"trainer.precision={precision} (float16 autocast) needs a CUDA GPU and this run trains on "
+                        "the CPU, where Lightning would switch to bf16-mixed; use trainer.precision=bf16-mixed")
 
 
 def settings(target: str) -> set[str] | None:

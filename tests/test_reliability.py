@@ -32,6 +32,12 @@ from conftest import FAST, autoenc, cli_error, compose, one_line_error, train_he
     (["data=array"], "data=array needs a .npy, .npz or .pt file: data.path=? is not set"),
     pytest.param(["trainer=gpu"], "trainer.accelerator=gpu needs a CUDA GPU and none is visible here; use trainer=cpu",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
+    pytest.param(["trainer.precision=16-mixed"], "trainer.precision=16-mixed (float16 autocast) needs a CUDA GPU and this "
+                 "run trains on the CPU, where Lightning would switch to bf16-mixed; use trainer.precision=bf16-mixed",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
+    (["trainer=cpu", "trainer.precision=16"], "trainer.precision=16 (float16 autocast) needs a CUDA GPU and this run "
+                                              "trains on the CPU, where Lightning would switch to bf16-mixed; use "
+                                              "trainer.precision=bf16-mixed"),
     (["data.binarize=dynamic", "data.standardize=true"], "data.binarize and data.standardize exclude each other"),
     (["ckpt_path=/no/such.ckpt"], "checkpoint /no/such.ckpt does not exist"),
 ])
