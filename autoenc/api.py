@@ -105,7 +105,7 @@ class Model:
             try:
                 return cache.decode(str(Path(item).expanduser()), (h, w), c, crop)
             except (OSError, RuntimeError, ValueError) as e:
-                raise UserError(f"cannot read image {item}: {' '.join(str(e).split())}") from None
+                raise UserError(f"cannot read image {item}: {cache.reason(e)}; give the path of a readable image") from None
         pixels = np.array(item.convert("L" if c == 1 else "RGB"), dtype=np.uint8).reshape(item.height, item.width, -1)
         return cache.fit(torch.from_numpy(pixels).permute(2, 0, 1), (h, w), crop)
 
@@ -268,10 +268,12 @@ class Model:
     def attribute(self, to, from_=None, split: str = "train") -> torch.Tensor:
         """The attribute vector: the mean code of the examples with `to` minus the mean code of those with
         `from_` (default: all the others), over a split ("smiling face − neutral face = smile vector")."""
-        x, _ = self.split(split)
-        codes = torch.as_tensor(self.encode(x))
         with_to = self.members(to, split)
         with_from = ~with_to if from_ is None else self.members(from_, split)
+        if torch.equal(with_from, with_to):
+            raise UserError(f"from={from_} and to={to} name the same group, whose attribute vector is zero; choose "
+                            "two different labels or attributes, or leave from= out (all the others)")
+        codes = torch.as_tensor(self.encode(self.split(split)[0]))
         return codes[with_to].mean(0) - codes[with_from].mean(0)
 
     def shift(self, x, vector, strengths=(-2, -1, 0, 1, 2), numpy: bool = False):
@@ -343,24 +345,35 @@ def train(overrides: list[str] | tuple[str, ...] = (), run_dir: str | Path | Non
     outputs/<date>/<time>_<model>_<data>); returns the run. Mistakes raise autoenc.UserError."""
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import HydraException
     from omegaconf import OmegaConf, open_dict
+    from omegaconf.errors import OmegaConfBaseException
 
-    from autoenc.cli import set_threads
+    from autoenc.cli import composition_error, set_threads
     from autoenc.paths import CONFIGS
+    from autoenc.rundir import claim
     from autoenc.schema import validate
     from autoenc.training import train as fit
 
     overrides = [str(o) for o in overrides]
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    try:
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise UserError(composition_error(e, "train", overrides)) from None
     HydraConfig.instance().set_config(cfg)  # resolves ${hydra:…} and ${now:…} in the run directory's name
     out = Path(run_dir) if run_dir is not None else Path(cfg.hydra.run.dir)
     with open_dict(cfg):
         del cfg.hydra
-        cfg.paths.output_dir = str(out)
     validate(cfg)
     set_threads(cfg.get("threads"))
-    (out / ".hydra").mkdir(parents=True, exist_ok=True)
-    (out / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    (out / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)))
-    return TrainedRun(out, fit(cfg))
+    # the same run directory rules as `autoenc train`; written only once the run starts (training.train)
+    taken = claim(out, command=" ".join(["train", *overrides]), ckpt_path=cfg.get("ckpt_path"),
+                  overwrite=bool(cfg.get("overwrite")), resume=bool(cfg.get("resume")), default=run_dir is None,
+                  what="run_dir" if run_dir is not None else "hydra.run.dir")
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(taken.dir)
+    try:
+        return TrainedRun(taken.dir, fit(cfg))
+    finally:
+        taken.release()

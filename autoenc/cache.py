@@ -22,8 +22,9 @@ from autoenc.errors import UserError
 
 log = logging.getLogger("autoenc")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-TORCHVISION_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp"}  # what torchvision.io decodes; PIL the rest
-VERSION = 1  # bumped when the decoding changes, so that older caches are rebuilt
+# what torchvision.io decodes to the asked channels; PIL the rest (torchvision's GIF and WEBP decoders ignore GRAY)
+TORCHVISION_SUFFIXES = {".png", ".jpg", ".jpeg"}
+VERSION = 2  # bumped when the decoding changes, so that older caches are rebuilt
 
 
 def default_dir() -> Path:
@@ -33,6 +34,8 @@ def default_dir() -> Path:
 
 def list_images(root: Path) -> list[str]:
     """Every image file under root (any depth), as paths in sorted order (by component, as pathlib sorts)."""
+    if Path(root).is_file():
+        raise UserError(f"{root} is a file, not a folder of images; give the folder that holds the images")
     if not Path(root).is_dir():
         raise UserError(f"image folder {root} does not exist; give a folder of images")
     found = [os.path.join(d, f) for d, _, names in os.walk(root) for f in names
@@ -44,10 +47,11 @@ def list_images(root: Path) -> list[str]:
 
 def decode(path: str, size: tuple[int, int], channels: int, crop: tuple[int, int] | None = None) -> torch.Tensor:
     """One image as uint8 (C, H, W): centre-cropped to `crop` if given, then resized to `size` (antialiased)."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    from torchvision.io import ImageReadMode, decode_image
 
     if os.path.splitext(path)[1].lower() in TORCHVISION_SUFFIXES:
-        img = decode_image(read_file(path), ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB)
+        data = torch.from_numpy(np.fromfile(path, np.uint8))  # read here: a missing file is Python's plain OSError
+        img = decode_image(data, ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB)
     else:
         from PIL import Image
 
@@ -84,8 +88,16 @@ class Decoding(torch.utils.data.Dataset):
             self.out[i] = decode(self.files[i], self.size, self.channels, self.crop).numpy()
             return ""
         except Exception as e:  # noqa: BLE001 - any unreadable file is reported, never raised from a worker
-            text = re.sub(r"^.*\.cpp:\d+, ", "", str(e).splitlines()[0] if str(e) else "")  # torchvision's source line
-            return f"{type(e).__name__}: {text.split('. ')[0]}"
+            return f"{type(e).__name__}: {reason(e)}"
+
+
+def reason(error: Exception) -> str:
+    """Why an image could not be read, in plain words: the OS's reason, or the decoder's first sentence
+    without torchvision's C++ source line."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = re.sub(r"^.*\.cpp:\d+, ", "", str(error).splitlines()[0] if str(error) else "")
+    return text.split(". ")[0]
 
 
 @dataclass

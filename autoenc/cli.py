@@ -396,6 +396,27 @@ def _objective(cfg, results):
     return results.get(name, float("nan"))
 
 
+def composition_error(error: Exception, command: str, overrides: list[str]) -> str:
+    """The one line for a config that Hydra could not compose (an unknown option or key, a value it cannot
+    parse), as the CLI prints it and the Python API raises it."""
+    from hydra.errors import OverrideParseException
+
+    if isinstance(error, OverrideParseException):
+        bad = next((a for a in overrides if a in str(error)), str(error).splitlines()[0])
+        key, _, value = bad.partition("=")
+        return (f"cannot parse {bad!r}: a value with spaces or other special characters must be quoted for Hydra, "
+                f"inside the shell's quotes: '{key}=\"{value}\"'")
+    from autoenc.schema import misspelt
+
+    message = str(error).split("Config search path")[0]
+    key = re.match(r"Could not override '([\w.]+)'\.", message)  # Hydra's hint, to add it with `+`, would not help
+    if key and "." not in key[1]:
+        message = f"Could not override '{key[1]}': `autoenc {command}` has no key {key[1]}"
+    elif key and (nearest := misspelt(f"command/{command}", overrides, key[1])):
+        return nearest
+    return " ".join(f"{message} (see `autoenc {command} --help`)".split())
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     from omegaconf import OmegaConf
@@ -413,7 +434,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"{found[command]} must start with the line `# @package _global_`: it is the command's root config")
     import hydra
 
-    from hydra.errors import HydraException, OverrideParseException
+    from hydra.errors import HydraException
 
     threading.excepthook = _quiet_full_disk
     from omegaconf.errors import OmegaConfBaseException
@@ -433,21 +454,10 @@ def main(argv: list[str] | None = None) -> None:
         if _full_error():
             raise
         _fail(str(e))
-    except OverrideParseException as e:
-        if _full_error():
-            raise
-        bad = next((a for a in rest if a in str(e)), str(e).splitlines()[0])
-        key, _, value = bad.partition("=")
-        _fail(f"cannot parse {bad!r}: a value with spaces or other special characters must be quoted for Hydra, "
-              f"inside the shell's quotes: '{key}=\"{value}\"'")
     except (HydraException, OmegaConfBaseException) as e:
         if _full_error():
             raise
-        message = str(e).split("Config search path")[0]
-        top = re.match(r"Could not override '(\w+)'\.", message)  # a top-level key: Hydra's `+` hint would not help
-        if top:
-            message = f"Could not override '{top[1]}': `autoenc {command}` has no key {top[1]}"
-        _fail(f"{message} (see `autoenc {command} --help`)")
+        _fail(composition_error(e, command, rest))
 
 
 if __name__ == "__main__":

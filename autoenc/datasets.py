@@ -344,6 +344,9 @@ class Arrays(TensorDataModule):
         if x.ndim not in (2, 3, 4) or x.dtype != np.uint8 and x.dtype.kind != "f":
             raise UserError(f"{self.path} holds a {x.dtype} array of shape {tuple(x.shape)}: it must be uint8 or "
                             "float vectors (N, D) or images (N, H, W) or (N, C, H, W)")
+        if 0 in x.shape[1:]:
+            raise UserError(f"{self.path} holds an array of shape {tuple(x.shape)}: its examples have no features; "
+                            "give each example at least one value")
         if y is not None and len(y) != len(x):
             raise UserError(f"{self.path}: y has {len(y)} labels for {len(x)} examples")
         if x.dtype.kind == "f":

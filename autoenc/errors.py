@@ -5,6 +5,10 @@ that objects run on their own settings when they are built."""
 class UserError(Exception):
     """A bad input, missing file or unusable checkpoint, with the fix in its message."""
 
+    def _render_traceback_(self) -> list[str]:
+        """What IPython and Jupyter show instead of the traceback: the one line, as the CLI prints it."""
+        return [f"UserError: {self}"]
+
 
 def require(ok: bool, key: str, value, what: str) -> None:
     """Refuses a setting `key=value` that is not `what` (a valid value, in words), naming the key."""

@@ -27,17 +27,22 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"{missing[0]} is required; set it on the command line ({missing[0]}=…)")
     if cfg.get("bottleneck") and cfg.get("penalty"):
         check_pair(cfg.bottleneck, cfg.penalty)
-    check_accelerator(OmegaConf.select(cfg, "trainer.accelerator"))
+    check_accelerator(OmegaConf.select(cfg, "trainer.accelerator"), OmegaConf.select(cfg, "trainer.precision"))
 
 
-def check_accelerator(accelerator) -> None:
-    """A GPU asked for where none is visible: one line, instead of Lightning's exception."""
-    if accelerator in ("gpu", "cuda"):
-        import torch
+def check_accelerator(accelerator, precision=None) -> None:
+    """A GPU asked for where none is visible, or float16 autocast on the CPU (where Lightning trains in bf16
+    instead while the saved config says 16): one line, instead of Lightning's exception or switch."""
+    import torch
 
-        if not torch.cuda.is_available():
-            raise UserError(f"trainer.accelerator={accelerator} needs a CUDA GPU and none is visible here; "
-                            "use trainer=cpu (or trainer.accelerator=auto)")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError(f"trainer.accelerator={accelerator} needs a CUDA GPU and none is visible here; "
+                        "use trainer=cpu (or trainer.accelerator=auto)")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()
+                                      and not torch.backends.mps.is_available())
+    if str(precision) in ("16", "16-mixed") and on_cpu:
+        raise UserError(f"trainer.precision={precision} (float16 autocast) needs a CUDA GPU and this run trains on "
+                        "the CPU, where Lightning would switch to bf16-mixed; use trainer.precision=bf16-mixed")
 
 
 def settings(target: str) -> set[str] | None:
@@ -73,6 +78,29 @@ def check_keys(node, path: str = "") -> None:
             hint = f"did you mean {path}.{close[0]}?" if close else f"its settings are: {', '.join(sorted(valid))}"
             raise UserError(f"{name} is not a setting of {path} ({target}); {hint}")
         check_keys(value, name)
+
+
+def misspelt(config_name: str, overrides: list[str], key: str) -> str | None:
+    """For `KEY=…` that Hydra cannot override (the config has no KEY): the refusal that `+KEY=…` gets, which
+    names the nearest setting (Hydra's own hint, to add KEY with `+`, adds a setting nothing reads); None
+    where no group's keys are checked."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    group = key.split(".")[0]
+    if group not in GROUPS:
+        return None
+    added = [f"+{o}" if o.split("=")[0] == key else o for o in overrides if "=" in o and not o.startswith("-")]
+    try:
+        with initialize_config_dir(config_dir=str(config_dirs()[0]), version_base="1.3"):
+            cfg = compose(config_name, overrides=added)
+        check_keys(OmegaConf.to_container(cfg[group], resolve=False), group)
+    except UserError as e:
+        return str(e)
+    except (HydraException, OmegaConfBaseException):  # composes only as a sweep, or from another config directory
+        pass
+    return None
 
 
 def check_pair(bottleneck_cfg, penalty_cfg) -> None:

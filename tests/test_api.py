@@ -126,6 +126,31 @@ def test_train_from_python_returns_the_run_its_results_and_its_model(tmp_path):
     assert done.results["test/loss"] > 0 and done.model.latent_dim == 3
     with pytest.raises(UserError, match="model.latent_dim=0 is invalid"):
         autoenc.train([*FAST, "model.latent_dim=0"], run_dir=tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()  # refused as the model was built: no run directory, as from the CLI
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model=nope", "In 'train': Could not find 'model/nope' Available options in 'model': ae contractive denoising "
+                   "sparse vae (see `autoenc train --help`)"),
+    ("model.latnt_dim=3", "model.latnt_dim is not a setting of model (autoenc.module.AutoencoderModule); "
+                          "did you mean model.latent_dim?"),
+])
+def test_train_from_python_refuses_a_config_hydra_cannot_compose_with_the_clis_line(tmp_path, capsys, override, expected):
+    from conftest import cli_error
+
+    assert cli_error(capsys, "train", f"hydra.run.dir={tmp_path / 'cli'}", override) == f"autoenc: error: {expected}"
+    with pytest.raises(UserError) as refused:
+        autoenc.train([override], run_dir=tmp_path / "py")
+    assert str(refused.value) == expected and not (tmp_path / "py").exists()
+    assert refused.value._render_traceback_() == [f"UserError: {expected}"]  # what IPython shows: the one line
+
+
+def test_a_missing_or_unreadable_image_is_refused_in_plain_words(model, tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    for name, why in [("missing.png", "No such file or directory"), ("broken.png", "Unsupported image file")]:
+        with pytest.raises(UserError) as refused:
+            model.encode(tmp_path / name)
+        assert str(refused.value) == f"cannot read image {tmp_path / name}: {why}; give the path of a readable image"
 
 
 def test_the_attribute_command_writes_its_grid_and_how_far_the_examples_moved(run, tmp_path):
@@ -139,3 +164,6 @@ def test_the_attribute_command_writes_its_grid_and_how_far_the_examples_moved(ru
     assert Image.open(tmp_path / "a.png").size[0] > 4 * 64  # input + 3 strengths, tiles ≥ 64 px
     line = one_line_error(cli("attribute", f"ckpt={run}", "to=Smiling", check=False))
     assert "'Smiling' is neither a label nor an attribute of this data" in line
+    line = one_line_error(cli("attribute", f"ckpt={run}", "from=1", "to=1", check=False))
+    assert line == ("autoenc: error: from=1 and to=1 name the same group, whose attribute vector is zero; choose two "
+                    "different labels or attributes, or leave from= out (all the others)")

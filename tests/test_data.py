@@ -86,6 +86,41 @@ def test_unreadable_image_is_a_user_error(tmp_path):
         ImageFolder(path=str(tmp_path)).shape
 
 
+def test_a_file_as_the_image_folder_is_named_as_a_file(tmp_path, capsys):
+    from PIL import Image
+
+    from conftest import cli_error
+
+    Image.new("L", (4, 4)).save(tmp_path / "one.png")
+    line = cli_error(capsys, "train", f"hydra.run.dir={tmp_path / 'run'}", "data=folder", f"data.path={tmp_path / 'one.png'}")
+    assert line == (f"autoenc: error: {tmp_path / 'one.png'} is a file, not a folder of images; give the folder that "
+                    "holds the images")
+
+
+def test_gif_and_webp_are_converted_to_grey_like_a_png_and_all_are_used(tmp_path, caplog):
+    """data.channels=1 (the default) on RGB images of three formats: each decodes to the grey PIL makes of it."""
+    import logging
+
+    from PIL import Image
+
+    from conftest import FAST, cli_here, rebuilt
+
+    rgb = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    (tmp_path / "images").mkdir()
+    files = [tmp_path / "images" / f"img.{suffix}" for suffix in ("png", "gif", "webp")]
+    for f in files:
+        Image.fromarray(rgb).save(f, **({"lossless": True} if f.suffix == ".webp" else {}))
+    with caplog.at_level(logging.WARNING, logger="autoenc"):
+        cli_here("train", f"hydra.run.dir={tmp_path / 'run'}", *FAST, "data=folder", f"data.path={tmp_path / 'images'}",
+                 "data.size=8", "data.val_fraction=0", "data.test_fraction=0.34")
+    assert not [r for r in caplog.records if "unreadable" in r.getMessage()]
+    datamodule, _ = rebuilt(tmp_path / "run", "last.ckpt")
+    x = torch.cat([torch.as_tensor(datamodule.splits[k][0][:]) for k in ("train", "test")])
+    assert x.shape == (3, 1, 8, 8)
+    greys = [torch.from_numpy(np.array(Image.open(f).convert("L"))) for f in files]
+    assert all(any((xi[0].int() - g.int()).abs().max() <= 1 for xi in x) for g in greys)  # libpng's grey may round otherwise
+
+
 def test_streams_of_randomness_never_coincide():
     """Shuffle, noise, binarization and model sampling draw from distinct seeds for every (seed, epoch, rank),
     and seed 1 / epoch 0 is not seed 0 / epoch 1."""

@@ -116,5 +116,10 @@ def test_the_cli_refuses_a_pair_and_a_typo_with_exit_2_and_one_line(tmp_path, ca
     line = cli_error(capsys, "train", f"hydra.run.dir={tmp_path}", *FAST, "model=vae", "penalty=kl")
     assert line == ("autoenc: error: penalty=kl needs rates in [0, 1], which bottleneck=gaussian does not give; "
                     "choose bottleneck=sigmoid, or another penalty")
-    line = cli_error(capsys, "train", f"hydra.run.dir={tmp_path}", "+model.latnt_dim=3")
-    assert line.endswith("did you mean model.latent_dim?")
+    for typo in ("+model.latnt_dim=3", "model.latnt_dim=3"):  # added with `+` or not: the nearest key, not Hydra's `+` hint
+        line = cli_error(capsys, "train", f"hydra.run.dir={tmp_path}", typo)
+        assert line == ("autoenc: error: model.latnt_dim is not a setting of model (autoenc.module.AutoencoderModule); "
+                        "did you mean model.latent_dim?")
+    line = cli_error(capsys, "train", f"hydra.run.dir={tmp_path}", "model=vae", "model.optimizer.lrr=1")
+    assert line == ("autoenc: error: model.optimizer.lrr is not a setting of model.optimizer (torch.optim.Adam); "
+                    "did you mean model.optimizer.lr?")

@@ -16,7 +16,8 @@ from conftest import FAST, autoenc, cli_error, compose, one_line_error, train_he
 
 @pytest.mark.parametrize("overrides, expected", [
     (["model=foo"], "Available options in 'model': ae contractive denoising sparse vae"),
-    (["model.latnet_dim=3"], "Could not override 'model.latnet_dim'"),
+    (["model.latnet_dim=3"], "model.latnet_dim is not a setting of model (autoenc.module.AutoencoderModule); "
+                             "did you mean model.latent_dim?"),
     (["+model.latnet_dim=3"], "model.latnet_dim is not a setting of model (autoenc.module.AutoencoderModule); "
                               "did you mean model.latent_dim?"),
     (["model.latent_dim=0"], "model.latent_dim=0 is invalid: it must be a positive integer"),
@@ -31,6 +32,12 @@ from conftest import FAST, autoenc, cli_error, compose, one_line_error, train_he
     (["data=array"], "data=array needs a .npy, .npz or .pt file: data.path=? is not set"),
     pytest.param(["trainer=gpu"], "trainer.accelerator=gpu needs a CUDA GPU and none is visible here; use trainer=cpu",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
+    pytest.param(["trainer.precision=16-mixed"], "trainer.precision=16-mixed (float16 autocast) needs a CUDA GPU and this "
+                 "run trains on the CPU, where Lightning would switch to bf16-mixed; use trainer.precision=bf16-mixed",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
+    (["trainer=cpu", "trainer.precision=16"], "trainer.precision=16 (float16 autocast) needs a CUDA GPU and this run "
+                                              "trains on the CPU, where Lightning would switch to bf16-mixed; use "
+                                              "trainer.precision=bf16-mixed"),
     (["data.binarize=dynamic", "data.standardize=true"], "data.binarize and data.standardize exclude each other"),
     (["ckpt_path=/no/such.ckpt"], "checkpoint /no/such.ckpt does not exist"),
 ])
@@ -102,6 +109,14 @@ def test_array_files_that_cannot_be_used_are_refused_in_one_line_leaving_no_run_
     assert not marker.exists()
     line = cli_error(capsys, "encode", f"ckpt={trained[0]}", f"input={tmp_path / 'missing.npy'}")
     assert line.endswith(f"input={tmp_path / 'missing.npy'} does not exist; give a folder of images or a .npy/.npz/.pt file")
+
+
+def test_an_array_of_examples_without_features_is_refused_in_one_line_leaving_no_run_directory(tmp_path, capsys):
+    np.save(tmp_path / "empty.npy", np.zeros((10, 0), np.float32))
+    line = cli_error(capsys, "train", f"hydra.run.dir={tmp_path / 'run'}", "data=array", f"data.path={tmp_path / 'empty.npy'}")
+    assert line == (f"autoenc: error: {tmp_path / 'empty.npy'} holds an array of shape (10, 0): its examples have no "
+                    "features; give each example at least one value")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("content, expected", [
