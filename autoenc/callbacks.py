@@ -21,10 +21,11 @@ from autoenc.viz import decoder_features, fixed_examples, image_loggers, picture
 
 class ProgressBar(TQDMProgressBar):
     """Lightning's tqdm bar, redrawn at most every `refresh_interval` seconds and at the end of each pass:
-    a redraw (its metrics and a terminal write, about 0.3 ms) every 10 steps cost 30–40 µs of each 5 ms step.
-    When the output is not a terminal (a file, a pipe, a job log; or with `lines=true`): no redraws, but a
-    plain line (epoch, step, the bar's figures, steps per second) every `line_interval` seconds and at each
-    epoch's end."""
+    a redraw (its metrics and a terminal write) every few steps costs a measurable share of a small model's
+    step. When the output is not a terminal (a file, a pipe, a job log; or with `lines=true`): no redraws,
+    but a plain line every `line_interval` seconds (epoch, step, the last step's loss, steps per second),
+    one per epoch with that epoch's own mean loss and validation loss, and lines while the final test runs.
+    Either way `loss` is the last step's training loss (read from the device only when shown)."""
 
     def __init__(self, refresh_interval: float = 0.25, line_interval: float = 30.0, lines: bool | None = None,
                  **kwargs):
@@ -32,28 +33,66 @@ class ProgressBar(TQDMProgressBar):
         self.refresh_interval, self._drawn = refresh_interval, -math.inf
         self.line_interval, self.lines = line_interval, not sys.stdout.isatty() if lines is None else lines
         self._said = (time.monotonic(), 0)  # when the last line was written, and at which step
+        self._loss = None  # the last training step's loss, a tensor on the device
+        self._ended: int | None = None  # an epoch whose line waits for its own figures
         if self.lines:
             self.disable()
 
+    def get_metrics(self, trainer, pl_module):
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("train/loss_step", None)  # written every log_every_n_steps steps only: stale in between
+        return {"loss": self._loss.item(), **metrics} if self._loss is not None else metrics
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self.lines and time.monotonic() - self._said[0] >= self.line_interval:
-            self.say(trainer, batch_idx + 1)
+            self.say(trainer, f"step {batch_idx + 1}/{trainer.num_training_batches}", self.get_metrics(trainer, pl_module))
 
+    # The module logs an epoch's mean loss after the callbacks' on_train_epoch_end: its line is said at the
+    # next epoch's start, or at the end of training, when the figures are that epoch's own.
     def on_train_epoch_end(self, trainer, pl_module):
         super().on_train_epoch_end(trainer, pl_module)
-        if self.lines:
-            self.say(trainer, trainer.num_training_batches)
+        self._ended = trainer.current_epoch if self.lines else None
 
-    def say(self, trainer, batch: int) -> None:
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._say_epoch(trainer, pl_module)
+        super().on_train_epoch_start(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        self._say_epoch(trainer, pl_module)
+        super().on_train_end(trainer, pl_module)
+
+    def _say_epoch(self, trainer, pl_module) -> None:
+        if self._ended is None:
+            return
+        figures = {k: v for k, v in super().get_metrics(trainer, pl_module).items() if k != "train/loss_step"}
+        self.say(trainer, f"step {trainer.num_training_batches}/{trainer.num_training_batches}", figures, self._ended)
+        self._ended = None
+
+    def on_test_start(self, trainer, pl_module):
+        super().on_test_start(trainer, pl_module)
+        if self.lines:
+            total = sum(trainer.num_test_batches)
+            print(f"testing{' the best checkpoint' if trainer.ckpt_path else ''}: {total} batches", flush=True)
+            self._said = (time.monotonic(), 0)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        super().on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        now = time.monotonic()
+        if self.lines and now - self._said[0] >= self.line_interval:
+            rate = (batch_idx + 1 - self._said[1]) / max(now - self._said[0], 1e-9)
+            print(f"testing  batch {batch_idx + 1}/{sum(trainer.num_test_batches)}  {rate:.2f} batches/s", flush=True)
+            self._said = now, batch_idx + 1
+
+    def say(self, trainer, where: str, figures: dict, epoch: int | None = None) -> None:
         """One plain progress line."""
         now, step = time.monotonic(), trainer.global_step
         rate = (step - self._said[1]) / max(now - self._said[0], 1e-9)
-        figures = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                            for k, v in self.get_metrics(trainer, trainer.lightning_module).items() if k != "v_num")
+        shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items() if k != "v_num")
         epochs = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
-        print(f"epoch {trainer.current_epoch + 1}{epochs}  step {batch}/{trainer.num_training_batches}  {figures}  "
-              f"{rate:.1f} steps/s", flush=True)
+        epoch = trainer.current_epoch if epoch is None else epoch
+        print(f"epoch {epoch + 1}{epochs}  {where}  {shown}  {rate:.1f} steps/s", flush=True)
         self._said = now, step
 
     def _should_update(self, current: int, total) -> bool:
@@ -64,7 +103,6 @@ class ProgressBar(TQDMProgressBar):
             self._drawn = now
             return True
         return False
-
 
 class Pictures(Callback):
     """The run's pictures, to TensorBoard at each validation and as PNGs in the run directory: rows of

@@ -53,9 +53,24 @@ def train(cfg: DictConfig) -> dict[str, float]:
         from autoenc.loggers import log_run
 
         log_run(trainer.loggers, hparams_of(cfg), cfg, results)
-        print(f"run directory: {out.resolve()}")
         print(json.dumps(results, indent=2, sort_keys=True))
+        print(where_things_are(out.resolve(), model.autoencoder, best))
     return results
+
+
+def where_things_are(out: Path, autoencoder, best: str) -> str:
+    """The run's closing lines: where its pictures, checkpoints and logs are, and the commands that use it."""
+    pictures = sorted(p.name for p in out.glob("*.png"))
+    images = len(autoencoder.shape) == 3
+    use = ["evaluate", "reconstruct" if images else "encode"] + (["sample"] if autoencoder.bottleneck.stochastic else [])
+    return "\n".join([
+        f"run directory: {out}",
+        f"  pictures:    {', '.join(pictures) if pictures else 'none (vector data)'}",
+        f"  checkpoints: checkpoints/{Path(best).name if best else 'last.ckpt'} (tested); checkpoints/last.ckpt, to "
+        "continue training: autoenc train ckpt_path=<it> trainer.max_epochs=<more>",
+        f"  TensorBoard: tensorboard --logdir {out}",
+        *(f"  {'next:' if i == 0 else '':<13}autoenc {c} ckpt={out}" for i, c in enumerate(use)),
+    ])
 
 
 def hparams_of(cfg: DictConfig) -> dict:

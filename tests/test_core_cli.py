@@ -136,8 +136,33 @@ def test_output_to_a_file_gets_plain_progress_lines_not_bar_redraws(tmp_path):
                    "trainer.limit_val_batches=1", "trainer.limit_test_batches=1")
     lines = [line for line in proc.stdout.splitlines() if line.startswith("epoch ")]
     assert [line.split("  ")[:2] for line in lines] == [["epoch 1/2", "step 5/5"], ["epoch 2/2", "step 5/5"]]
-    assert "train/loss_step" in lines[0] and lines[0].endswith("steps/s")
+    assert "train/loss_epoch" in lines[0] and lines[0].endswith("steps/s")
     assert "\r" not in proc.stdout + proc.stderr and proc.stdout.count("Total params") == 1
+
+
+def figures(line: str) -> dict[str, float]:
+    words = line.split()
+    return {k: float(v) for k, v in zip(words, words[1:]) if k in ("loss", "train/loss_epoch", "val/loss")}
+
+
+def test_progress_lines_show_the_last_steps_loss_and_each_epochs_own_mean_and_the_run_says_what_next(tmp_path):
+    """Each line's `loss` is that step's loss and each epoch line that epoch's own mean (TensorBoard's figures,
+    written independently); the last epoch's line is there; the test says it runs; the closing lines say
+    where the pictures, checkpoints and logs are and which commands use the run."""
+    run = tmp_path / "run"
+    proc = autoenc("train", f"hydra.run.dir={run}", "trainer.max_epochs=2", "trainer.limit_train_batches=4",
+                   "trainer.limit_val_batches=1", "trainer.limit_test_batches=2", "trainer.log_every_n_steps=1",
+                   "callbacks.progress.line_interval=0", "trainer.enable_model_summary=false")
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("epoch ")]
+    step_lines = [figures(line)["loss"] for line in lines if "loss" in figures(line)]
+    epoch_lines = [figures(line)["train/loss_epoch"] for line in lines if "loss" not in figures(line)]
+    assert step_lines == pytest.approx([v for _, v in tb_scalars(run, "loss/train")], rel=1e-3) and len(step_lines) == 8
+    assert epoch_lines == pytest.approx([v for _, v in tb_scalars(run, "loss/train_epoch")], rel=1e-3)
+    assert len(epoch_lines) == 2
+    assert "testing the best checkpoint: 2 batches" in proc.stdout
+    closing = proc.stdout[proc.stdout.index(f"run directory: {run}"):].splitlines()
+    assert closing[1].split() == ["pictures:", "reconstructions.png"]
+    assert f"tensorboard --logdir {run}" in closing[3] and f"autoenc evaluate ckpt={run}" in closing[4]
 
 
 def test_no_validation_split_is_said_in_one_autoenc_line_not_lightning_warnings(tmp_path):
