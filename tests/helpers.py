@@ -27,3 +27,32 @@ class CtrlC(Callback):
             every = [c for cb in trainer.callbacks for c in getattr(cb, "callbacks", [cb])]  # bundles opened
             safety = next(cb for cb in every if type(cb).__name__ == "SafetyNet")
             safety._ask_to_stop(signal.SIGINT, None)
+
+
+class KillMidWrite(Callback):
+    """From optimizer step `step` on, the next checkpoint write stops halfway and the process is SIGKILLed:
+    a kill at the worst moment of a checkpoint write, made certain instead of left to timing."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            import os
+
+            import autoenc.callbacks
+
+            def half_then_killed(path, mode="r", *a, **kw):
+                f = open(path, mode, *a, **kw)
+                if "w" in mode and str(path).endswith(".tmp"):
+                    write = f.write
+
+                    def write_half(data):
+                        write(bytes(data)[: len(data) // 2])
+                        f.flush()
+                        os.kill(os.getpid(), signal.SIGKILL)
+
+                    f.write = write_half
+                return f
+
+            autoenc.callbacks.open = half_then_killed  # the module's `open`, in front of the builtin
