@@ -282,3 +282,13 @@ def test_ctrl_c_outside_training_is_one_line_and_exit_130(tmp_path, monkeypatch,
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 130
     assert err == ["autoenc: interrupted: `autoenc evaluate` stopped by SIGINT before it finished and wrote nothing more"]
+
+
+def test_resume_true_needs_the_directory_it_continues(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    line = cli_error(capsys, "train", "resume=true")
+    assert line == ("autoenc: error: resume=true continues the run in hydra.run.dir=: name that directory (or resume "
+                    "a checkpoint with ckpt_path=…)")
+    line = cli_error(capsys, "train", "-m", "resume=true", "model.latent_dim=2,3")
+    assert line == "autoenc: error: resume=true continues the sweep in hydra.sweep.dir=: name that directory"
+    assert not list(tmp_path.iterdir())
