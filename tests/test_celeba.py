@@ -90,7 +90,7 @@ def test_a_vae_trains_on_celeba_and_scores_smiles_against_neutral_faces(celeba, 
     run = tmp_path / "run"
     train_here(run, "data=celeba", f"data.root={root}", "data.target=Smiling", "data.size=16", "data.batch_size=8",
                "model=vae", "net=conv", "net.channels=[8,16,16]", "net.norm=BatchNorm2d", "model.latent_dim=4")
-    (run / ".hydra").mkdir()
+    (run / ".hydra").mkdir(exist_ok=True)
     (run / "config.yaml").rename(run / ".hydra" / "config.yaml")
     path = use("score", f"ckpt={run / 'checkpoints' / 'best.ckpt'}", "normal=[0]", "eval.iwae_samples=2")
     summary = json.loads(path.with_suffix(".json").read_text())
@@ -109,7 +109,7 @@ def test_evaluate_probes_all_forty_attributes(celeba, tmp_path):
     run = tmp_path / "run"
     train_here(run, "data=celeba", f"data.root={root}", "data.target=all", "data.size=8", "data.batch_size=8",
                "net=conv", "net.channels=[8,16]", "model.latent_dim=4")
-    (run / ".hydra").mkdir()
+    (run / ".hydra").mkdir(exist_ok=True)
     (run / "config.yaml").rename(run / ".hydra" / "config.yaml")
     figures = use("evaluate", f"ckpt={run / 'checkpoints' / 'best.ckpt'}", "eval.iwae_samples=2")
     data = dm(root, tmp_path, size=8, target="all")

@@ -83,7 +83,7 @@ def test_standardization_uses_training_statistics_only_and_encode_reapplies_them
     stored = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", weights_only=True)["Arrays"]
     assert np.allclose(stored["mean"], mean, atol=1e-4) and np.allclose(stored["std"], std, rtol=1e-4)
     assert not np.allclose(stored["mean"], x.mean(0), atol=1e-4)  # the test rows are left out
-    (tmp_path / "run" / ".hydra").mkdir()  # what `autoenc train` writes: the use commands read it
+    (tmp_path / "run" / ".hydra").mkdir(exist_ok=True)  # what `autoenc train` writes: the use commands read it
     (tmp_path / "run" / "config.yaml").rename(tmp_path / "run" / ".hydra" / "config.yaml")
     np.save(tmp_path / "new.npy", x[:5] + 1.0)  # data after training: standardized with the stored stats
     codes = np.load(use("encode", f"ckpt={tmp_path / 'run' / 'checkpoints' / 'best.ckpt'}", f"input={tmp_path / 'new.npy'}"))
@@ -138,7 +138,7 @@ def test_mistakes_with_own_data_are_refused_in_one_line(tmp_path):
     with pytest.raises(UserError, match=r"^data.classes=\[7\] selects no training example \(the labels are \[0, 1\]\)"):
         train_here(tmp_path / "classes", *data, "data.classes=[7]")
     train_here(tmp_path / "run", *data)
-    (tmp_path / "run" / ".hydra").mkdir()
+    (tmp_path / "run" / ".hydra").mkdir(exist_ok=True)
     (tmp_path / "run" / "config.yaml").rename(tmp_path / "run" / ".hydra" / "config.yaml")
     ckpt = f"ckpt={tmp_path / 'run' / 'checkpoints' / 'best.ckpt'}"
     with pytest.raises(UserError, match=r"^`reconstruct` draws pictures and this model takes vectors of shape \(12,\)"):
@@ -157,7 +157,7 @@ def test_likelihood_auto_picks_from_the_training_range_and_the_loaded_run_reprod
     train_here(tmp_path / "run", *FAST_ARRAY, f"data.path={tmp_path / 'v.npy'}")  # likelihood=auto, the default
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["autoenc_config"]["likelihood"]["_target_"] == f"autoenc.likelihoods.{chosen}"
-    (tmp_path / "run" / ".hydra").mkdir()  # the run directory as `autoenc train` leaves it: config says auto
+    (tmp_path / "run" / ".hydra").mkdir(exist_ok=True)  # the run directory as `autoenc train` leaves it: config says auto
     (tmp_path / "run" / ".hydra" / "config.yaml").write_text((tmp_path / "run" / "config.yaml").read_text())
     model = autoenc.load(tmp_path / "run")
     assert type(model.autoencoder.likelihood).__name__ == chosen
