@@ -8,10 +8,10 @@
 from __future__ import annotations
 
 __version__ = "0.2.0"
-__all__ = ["Autoencoder", "Model", "UserError", "attribute_vector", "load", "train"]
+__all__ = ["Autoencoder", "Model", "UserError", "load", "train"]
 
 _HOMES = {"Autoencoder": "autoenc.core", "Model": "autoenc.api", "load": "autoenc.api", "train": "autoenc.api",
-          "attribute_vector": "autoenc.api", "UserError": "autoenc.errors"}
+          "UserError": "autoenc.errors"}
 
 
 def __getattr__(name: str):
