@@ -7,11 +7,11 @@
 
 from __future__ import annotations
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __all__ = ["Autoencoder", "Model", "UserError", "load", "train"]
 
-_HOMES = {"Autoencoder": "autoenc.core", "Model": "autoenc.api", "load": "autoenc.api", "train": "autoenc.api",
-          "UserError": "autoenc.errors"}
+_HOMES = {"Autoencoder": "autoenc.model.core", "Model": "autoenc.app.api", "load": "autoenc.app.api", "train": "autoenc.app.api",
+          "UserError": "autoenc.util.errors"}
 
 
 def __getattr__(name: str):

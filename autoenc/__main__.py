@@ -1,5 +1,5 @@
 """`python -m autoenc` is the same as the `autoenc` command."""
 
-from autoenc.cli import main
+from autoenc.app.cli import main
 
 main()

@@ -5,7 +5,7 @@
     python scripts/benchmark.py --families --workloads conv_vae_64 topk_sae_4096 --steps 6 --warmup 2 --block 3
 
 Each family is trained in this process three ways over the same network, optimizer, batch size and
-device-resident data: as `autoenc train` builds it (the Trainer from autoenc.runs.make_trainer with
+device-resident data: as `autoenc train` builds it (the Trainer from autoenc.training.runs.make_trainer with
 its logger, progress bar, checkpointing and callbacks, at default settings); as Lightning's floor (a
 minimal LightningModule whose training_step is the plain loop's loss, automatic optimization, no
 logger, bar or checkpoint); and as a plain loop (forward, loss, backward, step). Each Lightning path
@@ -127,7 +127,7 @@ def compose(args, family: str, out_dir: str):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from autoenc.paths import CONFIGS
+    from autoenc.util.paths import CONFIGS
 
     overrides = [f"data={args.data}", f"data.batch_size={args.batch_size}", *RUNS[family],
                  f"trainer.max_steps={args.warmup + args.steps + COUNTED}", f"trainer.precision={args.precision}",
@@ -147,7 +147,7 @@ def sync(device: str) -> None:
 
 
 def plain_loss(model, x, g):
-    """The training loss of the plain nn.Module (autoenc.core.Autoencoder), as a hand-written loop uses it."""
+    """The training loss of the plain nn.Module (autoenc.model.core.Autoencoder), as a hand-written loop uses it."""
     x = x if x.is_floating_point() else x.float().div_(255)
     return model.autoencoder(x, model.autoencoder.corrupt(x, g)).loss
 
@@ -158,7 +158,7 @@ class PlainLoop:
     def __init__(self, args, cfg):
         import torch
 
-        from autoenc.runs import build
+        from autoenc.training.runs import build
 
         torch.manual_seed(cfg.seed)
         datamodule, model = build(cfg)
@@ -273,7 +273,7 @@ def run_path(args, family: str, path: str) -> dict:
     import lightning.pytorch as pl
     import torch
 
-    from autoenc.runs import build, configure_lightning, make_trainer, skip_failing_gpu_probe
+    from autoenc.training.runs import build, configure_lightning, make_trainer, skip_failing_gpu_probe
 
     torch.set_num_threads(args.threads)
     skip_failing_gpu_probe()

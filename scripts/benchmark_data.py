@@ -59,7 +59,7 @@ def decode(args) -> dict:
     import numpy as np
     import torch
 
-    from autoenc import cache
+    from autoenc.data import cache
 
     torch.set_num_threads(1)
     folder = make_jpegs(args.work / f"jpegs{args.images}", args.images)
@@ -179,9 +179,9 @@ def stream(args) -> dict:
     import numpy as np
     import torch
 
-    from autoenc import cache as cache_module
-    from autoenc.data import Rows, StreamedBatches, TensorBatches
-    from autoenc.nets import conv
+    from autoenc.data import cache as cache_module
+    from autoenc.data.module import Rows, StreamedBatches, TensorBatches
+    from autoenc.model.backbones import conv
 
     torch.set_num_threads(1)
     folder = make_jpegs(args.work / f"jpegs{args.images}", args.images)

@@ -6,7 +6,7 @@ RUN is a run of `autoenc train experiment=vae_mnist_iwae` that also saved weight
 (e.g. `+callbacks.every10._target_=lightning.pytorch.callbacks.ModelCheckpoint ...every_n_epochs=10
 ...save_top_k=-1 ...save_weights_only=true ...dirpath=RUN/checkpoints/epochs`, files `epoch=E.ckpt`, E
 counted from 0). For each asked epoch the weights after that many passes are rebuilt from the run's own
-config and scored on its test set with `autoenc.use` (weights_only loading, K importance samples).
+config and scored on its test set with `autoenc.app.commands` (weights_only loading, K importance samples).
 """
 
 from __future__ import annotations

@@ -32,8 +32,8 @@ def data_problem(data: str) -> str | None:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from autoenc.paths import CONFIGS
-    from autoenc.errors import UserError
+    from autoenc.util.paths import CONFIGS
+    from autoenc.util.errors import UserError
 
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
         cfg = compose("train", overrides=[f"data={data}"])

@@ -34,7 +34,7 @@ def compose(*overrides: str, run_dir: Path | str = "unused", fast: bool = True):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from autoenc.paths import CONFIGS
+    from autoenc.util.paths import CONFIGS
 
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         return hydra_compose("train", overrides=[*(FAST if fast else []), *overrides, f"paths.output_dir={run_dir}"])
@@ -44,8 +44,8 @@ def train_here(run_dir: Path, *overrides: str, fast: bool = True) -> dict:
     """Validates and trains in this process, as `autoenc train` would, and returns its results."""
     from omegaconf import OmegaConf
 
-    from autoenc.schema import validate
-    from autoenc.training import train
+    from autoenc.app.schema import validate
+    from autoenc.training.train import train
 
     cfg = compose(*overrides, run_dir=run_dir, fast=fast)
     validate(cfg)
@@ -58,7 +58,7 @@ def rebuilt(run_dir: Path, ckpt: str = "best.ckpt"):
     """A run's data module and model (eval mode) with the weights of one of its checkpoints."""
     from omegaconf import OmegaConf
 
-    from autoenc.runs import build
+    from autoenc.training.runs import build
 
     saved = run_dir / ".hydra" / "config.yaml"
     cfg = OmegaConf.load(saved if saved.is_file() else run_dir / "config.yaml")
@@ -96,7 +96,7 @@ def one_line_error(proc) -> str:
 def cli_here(*argv: str) -> None:
     """Runs `autoenc ARGV` in this process (main() sets Hydra's variables and sys.argv for its job:
     they are put back)."""
-    from autoenc import cli
+    from autoenc.app import cli
 
     env, argv0 = dict(os.environ), sys.argv
     try:

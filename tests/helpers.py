@@ -40,7 +40,7 @@ class KillMidWrite(Callback):
         if trainer.global_step == self.step:
             import os
 
-            import autoenc.callbacks
+            import autoenc.training.callbacks
 
             def half_then_killed(path, mode="r", *a, **kw):
                 f = open(path, mode, *a, **kw)
@@ -55,4 +55,4 @@ class KillMidWrite(Callback):
                     f.write = write_half
                 return f
 
-            autoenc.callbacks.open = half_then_killed  # the module's `open`, in front of the builtin
+            autoenc.training.callbacks.open = half_then_killed  # the module's `open`, in front of the builtin

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import autoenc
-from autoenc.errors import UserError
+from autoenc.util.errors import UserError
 from conftest import FAST, autoenc as cli, one_line_error, train_run
 
 
@@ -132,7 +132,7 @@ def test_train_from_python_returns_the_run_its_results_and_its_model(tmp_path):
 @pytest.mark.parametrize("override, expected", [
     ("model=nope", "In 'train': Could not find 'model/nope' Available options in 'model': ae contractive denoising "
                    "sparse vae (see `autoenc train --help`)"),
-    ("model.latnt_dim=3", "model.latnt_dim is not a setting of model (autoenc.module.AutoencoderModule); "
+    ("model.latnt_dim=3", "model.latnt_dim is not a setting of model (autoenc.training.module.AutoencoderModule); "
                           "did you mean model.latent_dim?"),
 ])
 def test_train_from_python_refuses_a_config_hydra_cannot_compose_with_the_clis_line(tmp_path, capsys, override, expected):

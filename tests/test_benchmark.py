@@ -46,14 +46,14 @@ def test_progress_bar_redraws_by_time_and_at_the_end_of_each_pass(monkeypatch):
 
     from lightning.pytorch.callbacks import TQDMProgressBar
 
-    import autoenc.callbacks
-    from autoenc.callbacks import ProgressBar
+    import autoenc.training.callbacks
+    from autoenc.training.callbacks import ProgressBar
 
     # the override is live only while Lightning's bar asks _should_update before each redraw
     assert "self._should_update(" in inspect.getsource(TQDMProgressBar.on_train_batch_end)
     bar = ProgressBar(refresh_interval=10.0, lines=False)  # the bar drawn on a terminal
     clock = iter([100.0, 105.0, 111.0, 112.0])
-    monkeypatch.setattr(autoenc.callbacks.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(autoenc.training.callbacks.time, "monotonic", lambda: next(clock))
     assert [bar._should_update(n, 50) for n in (1, 2, 3, 50)] == [True, False, True, True]
 
 
@@ -64,7 +64,7 @@ def test_the_nvml_probe_variable_is_dropped_only_where_nvml_cannot_load(monkeypa
 
     import torch
 
-    from autoenc.runs import configure_lightning, skip_failing_gpu_probe
+    from autoenc.training.runs import configure_lightning, skip_failing_gpu_probe
 
     monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     monkeypatch.setattr(ctypes, "CDLL", lambda name: object())  # a machine whose driver has NVML
@@ -89,7 +89,7 @@ def test_a_step_checkpoint_that_never_saves_is_not_made_and_one_that_saves_is(tm
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from conftest import compose
-    from autoenc.runs import make_trainer
+    from autoenc.training.runs import make_trainer
 
     def checkpoints(*overrides):
         trainer = make_trainer(compose(*overrides, run_dir=tmp_path, fast=False))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.autograd.functional import jacobian
 from torch.distributions import Normal, kl_divergence
 
-from autoenc.bottlenecks import Step, Gaussian, Linear, ReLU, Sigmoid, TopK, gaussian_kl
+from autoenc.model.bottlenecks import Step, Gaussian, Linear, ReLU, Sigmoid, TopK, gaussian_kl
 
 H = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
 DETERMINISTIC = [Linear(), ReLU(), Sigmoid(), TopK(k=3, standardize=0.0)]
@@ -109,7 +109,7 @@ def test_importance_weights_are_log_prior_minus_log_posterior():
 
 
 def split_figures_of(bottleneck, code: torch.Tensor) -> dict:
-    from autoenc.metrics import SplitStatistics
+    from autoenc.model.metrics import SplitStatistics
 
     stats = SplitStatistics()
     stats.update(code, bottleneck.active(code), torch.zeros(len(code), 1), torch.zeros(len(code), 1))
@@ -125,9 +125,9 @@ def test_a_relu_or_topk_unit_is_dead_only_when_it_is_never_non_zero(bottleneck):
 
 
 def test_a_sigmoid_unit_under_kl_is_dead_when_it_never_exceeds_the_target_rate():
-    from autoenc.core import Autoencoder
-    from autoenc.nets import mlp
-    from autoenc.penalties import KL
+    from autoenc.model.core import Autoencoder
+    from autoenc.model.backbones import mlp
+    from autoenc.model.penalties import KL
 
     model = Autoencoder(mlp, (1, 4, 4), 4, Sigmoid(), penalty=KL(rho=0.01))
     code = torch.full((100, 4), 0.009)
@@ -146,7 +146,7 @@ def test_a_linear_code_has_no_dead_units_and_a_gaussian_reports_active_units():
     assert "dead_fraction" not in split_figures_of(Linear(), torch.randn(20, 3))
     g = Gaussian()
     g.setup(3)
-    from autoenc.metrics import SplitStatistics
+    from autoenc.model.metrics import SplitStatistics
 
     stats = SplitStatistics()
     mean = torch.stack([torch.linspace(-1, 1, 40), torch.zeros(40), 0.01 * torch.randn(40)], 1)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from autoenc import cache
-from autoenc.data import Augment, StreamedBatches, TensorBatches
-from autoenc.datasets import ImageFolder, read_images
-from autoenc.errors import UserError
+from autoenc.data import cache
+from autoenc.data.module import Augment, StreamedBatches, TensorBatches
+from autoenc.data.sources import ImageFolder, read_images
+from autoenc.util.errors import UserError
 from conftest import autoenc, train_here
 from test_resume import assert_same_run
 
@@ -149,7 +149,7 @@ def test_augmentation_flips_and_crops_as_drawn_from_its_seed():
 
 def test_augmentation_is_applied_to_training_batches_only(tmp_path):
     from conftest import compose
-    from autoenc.runs import build
+    from autoenc.training.runs import build
 
     cfg = compose("data.augment.flip=1.0", run_dir=tmp_path)
     datamodule, _ = build(cfg)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from autoenc.datasets import CelebA
-from autoenc.errors import UserError
+from autoenc.data.sources import CelebA
+from autoenc.util.errors import UserError
 from conftest import train_here
 
 NAMES = ("5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair "

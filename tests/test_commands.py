@@ -9,8 +9,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from autoenc import cli
-from autoenc.paths import CONFIGS
+from autoenc.app import cli
+from autoenc.util.paths import CONFIGS
 from conftest import cli_error, cli_here
 
 FILES = {f.stem: f for f in sorted((CONFIGS / "command").glob("*.yaml"))}
@@ -110,7 +110,7 @@ def test_a_command_from_another_config_directory_runs_through_the_cli(tmp_path, 
                                          "add `run: module:function` to it")
     # the same directory adds options to the config groups too, and the checks between groups see them
     (tmp_path / "configs" / "bottleneck").mkdir()
-    (tmp_path / "configs" / "bottleneck" / "rates.yaml").write_text("_target_: autoenc.bottlenecks.Sigmoid\n")
+    (tmp_path / "configs" / "bottleneck" / "rates.yaml").write_text("_target_: autoenc.model.bottlenecks.Sigmoid\n")
     line = cli_error(capsys, "train", f"hydra.run.dir={tmp_path / 'run'}", "model=vae", "penalty=kl")
     assert "choose bottleneck=rates|sigmoid, or another penalty" in line
     monkeypatch.setenv("AUTOENC_CONFIG_DIR", str(tmp_path / "nowhere"))
@@ -119,5 +119,5 @@ def test_a_command_from_another_config_directory_runs_through_the_cli(tmp_path, 
 
 
 def test_schema_imports_without_the_cli():
-    code = "import sys, autoenc.schema; assert 'autoenc.cli' not in sys.modules"
+    code = "import sys, autoenc.app.schema; assert 'autoenc.app.cli' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -56,7 +56,7 @@ def test_tensorboard_leads_with_the_losses_and_shows_the_results_as_a_table_and_
 
 def test_test_mse_equals_recomputation_from_the_best_checkpoint(run):
     run_dir, results = run
-    from autoenc.runs import build
+    from autoenc.training.runs import build
 
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     cfg.paths.output_dir = str(run_dir)
@@ -93,7 +93,7 @@ def test_help_lists_groups_and_cfg_prints_the_config():
         assert group in out
     assert "vae" in out and "fashion_mnist" in out and "ddp" in out and "topk" in out
     cfg = autoenc("train", "model=vae", "model.latent_dim=7", "--cfg", "job").stdout
-    assert "autoenc.bottlenecks.Gaussian" in cfg and "latent_dim: 7" in cfg
+    assert "autoenc.model.bottlenecks.Gaussian" in cfg and "latent_dim: 7" in cfg
 
 
 def test_unknown_command_is_one_line_error():
@@ -104,7 +104,7 @@ def test_unknown_command_is_one_line_error():
 def test_threads_auto_follows_omp_num_threads_else_half_the_cores(monkeypatch):
     import os
 
-    from autoenc.cli import set_threads
+    from autoenc.util.threads import set_threads
 
     try:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)

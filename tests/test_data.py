@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from autoenc.data import TensorBatches
-from autoenc.datasets import IDX, Digits, ImageFolder, read_idx
-from autoenc.errors import UserError
+from autoenc.data.module import TensorBatches
+from autoenc.data.sources import IDX, Digits, ImageFolder, read_idx
+from autoenc.util.errors import UserError
 
 
 def test_mnist_test_set_reads_from_gz_with_shape_count_and_range(shared_data):
@@ -124,7 +124,7 @@ def test_gif_and_webp_are_converted_to_grey_like_a_png_and_all_are_used(tmp_path
 def test_streams_of_randomness_never_coincide():
     """Shuffle, noise, binarization and model sampling draw from distinct seeds for every (seed, epoch, rank),
     and seed 1 / epoch 0 is not seed 0 / epoch 1."""
-    from autoenc.seeds import derive
+    from autoenc.util.seeds import derive
 
     keys = [(s, stream, e, r) for s in range(3) for stream in ("shuffle", "noise", "binarize", "model")
             for e in range(4) for r in range(2)]

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from autoenc.bottlenecks import Bottleneck
+from autoenc.model.bottlenecks import Bottleneck
 
 
 class Tanh(Bottleneck):

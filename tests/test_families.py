@@ -65,8 +65,8 @@ def test_denoising_image_has_clean_noisy_denoised_rows(runs):
 
 
 def test_psnr_equals_recomputation_from_the_best_checkpoint(runs):
-    from autoenc.data import to_unit
-    from autoenc.seeds import derive
+    from autoenc.data.module import to_unit
+    from autoenc.util.seeds import derive
 
     run_dir, results = runs["gaussian_noise"]
     datamodule, model = rebuilt(run_dir)

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from autoenc.errors import UserError
-from autoenc.paths import CONFIGS
-from autoenc.schema import validate
+from autoenc.util.errors import UserError
+from autoenc.util.paths import CONFIGS
+from autoenc.app.schema import validate
 from conftest import FAST, cli_error, compose, rebuilt, train_here
 
 
@@ -93,7 +93,7 @@ def test_presets_pick_the_seams_of_their_family():
         "ae": ("linear", "none", "none"), "sparse": ("sigmoid", "kl", "none"), "denoising": ("linear", "none", "gaussian"),
         "contractive": ("sigmoid", "contractive", "none"), "vae": ("gaussian", "none", "none")}
     cfg = compose("model=vae", "data=mnist", fast=False)  # the README's first example composes
-    assert cfg.bottleneck._target_ == "autoenc.bottlenecks.Gaussian" and cfg.data.name == "MNIST"
+    assert cfg.bottleneck._target_ == "autoenc.model.bottlenecks.Gaussian" and cfg.data.name == "MNIST"
 
 
 @pytest.mark.parametrize("group, option, typo, nearest", [
@@ -118,7 +118,7 @@ def test_the_cli_refuses_a_pair_and_a_typo_with_exit_2_and_one_line(tmp_path, ca
                     "choose bottleneck=sigmoid, or another penalty")
     for typo in ("+model.latnt_dim=3", "model.latnt_dim=3"):  # added with `+` or not: the nearest key, not Hydra's `+` hint
         line = cli_error(capsys, "train", f"hydra.run.dir={tmp_path}", typo)
-        assert line == ("autoenc: error: model.latnt_dim is not a setting of model (autoenc.module.AutoencoderModule); "
+        assert line == ("autoenc: error: model.latnt_dim is not a setting of model (autoenc.training.module.AutoencoderModule); "
                         "did you mean model.latent_dim?")
     line = cli_error(capsys, "train", f"hydra.run.dir={tmp_path}", "model=vae", "model.optimizer.lrr=1")
     assert line == ("autoenc: error: model.optimizer.lrr is not a setting of model.optimizer (torch.optim.Adam); "

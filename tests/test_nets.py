@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from autoenc.errors import UserError
-from autoenc.nets import conv, mlp, resnet
+from autoenc.util.errors import UserError
+from autoenc.model.backbones import conv, mlp, resnet
 from conftest import compose
 
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from autoenc.corruption import gaussian, masking, salt_pepper
-from autoenc.data import to_unit
-from autoenc.paths import CONFIGS
-from autoenc.runs import build
+from autoenc.model.noise import gaussian, masking, salt_pepper
+from autoenc.data.module import to_unit
+from autoenc.util.paths import CONFIGS
+from autoenc.training.runs import build
 
 X = torch.full((64, 1, 50, 50), 0.5)  # 160,000 pixels: a fraction's standard error is ≈ 0.001
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from autoenc.errors import UserError
+from autoenc.util.errors import UserError
 from conftest import FAST, autoenc, rebuilt, tb_hparams, train_here
 from test_use import use
 
@@ -156,7 +156,7 @@ def test_likelihood_auto_picks_from_the_training_range_and_the_loaded_run_reprod
     np.save(tmp_path / "v.npy", x)
     train_here(tmp_path / "run", *FAST_ARRAY, f"data.path={tmp_path / 'v.npy'}")  # likelihood=auto, the default
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert ckpt["autoenc_config"]["likelihood"]["_target_"] == f"autoenc.likelihoods.{chosen}"
+    assert ckpt["autoenc_config"]["likelihood"]["_target_"] == f"autoenc.model.likelihoods.{chosen}"
     (tmp_path / "run" / ".hydra").mkdir(exist_ok=True)  # the run directory as `autoenc train` leaves it: config says auto
     (tmp_path / "run" / ".hydra" / "config.yaml").write_text((tmp_path / "run" / "config.yaml").read_text())
     model = autoenc.load(tmp_path / "run")

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 from torch.autograd.functional import jacobian
 
-from autoenc.bottlenecks import Gaussian, Linear, ReLU, Sigmoid, TopK
-from autoenc.errors import UserError
-from autoenc.penalties import KL, L1, Contractive, Penalty, estimated_jacobian_sq, exact_jacobian_sq, jacobian_sq
+from autoenc.model.bottlenecks import Gaussian, Linear, ReLU, Sigmoid, TopK
+from autoenc.util.errors import UserError
+from autoenc.model.penalties import KL, L1, Contractive, Penalty, estimated_jacobian_sq, exact_jacobian_sq, jacobian_sq
 
 
 def one_layer() -> nn.Sequential:

@@ -16,9 +16,9 @@ from conftest import FAST, autoenc, cli_error, compose, one_line_error, train_he
 
 @pytest.mark.parametrize("overrides, expected", [
     (["model=foo"], "Available options in 'model': ae contractive denoising sparse vae"),
-    (["model.latnet_dim=3"], "model.latnet_dim is not a setting of model (autoenc.module.AutoencoderModule); "
+    (["model.latnet_dim=3"], "model.latnet_dim is not a setting of model (autoenc.training.module.AutoencoderModule); "
                              "did you mean model.latent_dim?"),
-    (["+model.latnet_dim=3"], "model.latnet_dim is not a setting of model (autoenc.module.AutoencoderModule); "
+    (["+model.latnet_dim=3"], "model.latnet_dim is not a setting of model (autoenc.training.module.AutoencoderModule); "
                               "did you mean model.latent_dim?"),
     (["model.latent_dim=0"], "model.latent_dim=0 is invalid: it must be a positive integer"),
     (["noise=masking", "noise.p=1.5"], "noise.p=1.5 is invalid: it must be a fraction in [0, 1]"),
@@ -148,7 +148,7 @@ def test_lightning_gradient_clipping_bounds_the_step(tmp_path):
     """With SGD at lr 1 the one step's parameter change is the clipped gradient: its norm is the clip."""
     import lightning.pytorch as pl
 
-    from autoenc.runs import build
+    from autoenc.training.runs import build
 
     clip = 1e-3
     overrides = ["model.optimizer._target_=torch.optim.SGD", "model.optimizer.lr=1.0", "model.scheduler=null",
@@ -167,7 +167,7 @@ def test_same_seed_same_results(tmp_path, trained):
 
 
 def test_full_disk_is_one_line(monkeypatch, capsys):
-    from autoenc import cli
+    from autoenc.app import cli
 
     def boom(cfg):
         raise OSError(errno.ENOSPC, "No space left on device", "/x/last.ckpt")
@@ -183,26 +183,26 @@ def test_full_disk_is_one_line(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("target, setting, expected", [
-    ("autoenc.bottlenecks.TopK", {"k": 0}, "bottleneck.k=0 is invalid"),
-    ("autoenc.bottlenecks.Gaussian", {"beta": -1}, "bottleneck.beta=-1 is invalid"),
-    ("autoenc.corruption.Masking", {"p": 1.5}, "noise.p=1.5 is invalid"),
-    ("autoenc.penalties.KL", {"rho": 0}, "penalty.rho=0 is invalid"),
-    ("autoenc.likelihoods.Gaussian", {"sigma": 0}, "likelihood.sigma=0 is invalid"),
+    ("autoenc.model.bottlenecks.TopK", {"k": 0}, "bottleneck.k=0 is invalid"),
+    ("autoenc.model.bottlenecks.Gaussian", {"beta": -1}, "bottleneck.beta=-1 is invalid"),
+    ("autoenc.model.noise.Masking", {"p": 1.5}, "noise.p=1.5 is invalid"),
+    ("autoenc.model.penalties.KL", {"rho": 0}, "penalty.rho=0 is invalid"),
+    ("autoenc.model.likelihoods.Gaussian", {"sigma": 0}, "likelihood.sigma=0 is invalid"),
 ])
 def test_objects_check_their_own_settings_when_built_from_python_too(target, setting, expected):
     from hydra.utils import get_object
 
-    from autoenc.errors import UserError
+    from autoenc.util.errors import UserError
 
     with pytest.raises(UserError, match=expected.replace(".", r"\.")):
         get_object(target)(**setting)
 
 
 def test_a_top_k_wider_than_the_code_is_refused_where_the_autoencoder_is_built():
-    from autoenc.bottlenecks import TopK
-    from autoenc.core import Autoencoder
-    from autoenc.errors import UserError
-    from autoenc.nets import mlp
+    from autoenc.model.bottlenecks import TopK
+    from autoenc.model.core import Autoencoder
+    from autoenc.util.errors import UserError
+    from autoenc.model.backbones import mlp
 
     with pytest.raises(UserError, match="bottleneck.k=9 is invalid: it must be an integer from 1 to model.latent_dim"):
         Autoencoder(mlp, (1, 4, 4), latent_dim=8, bottleneck=TopK(k=9))
@@ -270,13 +270,13 @@ def test_a_value_hydra_cannot_parse_gets_the_quoting_that_works(capsys):
 
 
 def test_ctrl_c_outside_training_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
-    import autoenc.use
+    import autoenc.app.commands
     from conftest import cli_here
 
     def interrupted(cfg):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(autoenc.use, "evaluate", interrupted)
+    monkeypatch.setattr(autoenc.app.commands, "evaluate", interrupted)
     with pytest.raises(SystemExit) as exit_:
         cli_here("evaluate", f"ckpt={tmp_path / 'x.ckpt'}")
     err = capsys.readouterr().err.strip().splitlines()

@@ -105,7 +105,7 @@ def test_a_checkpoint_write_that_fails_midway_leaves_the_previous_file_whole(tmp
     import lightning.pytorch as pl
     from fsspec.implementations.local import LocalFileOpener
 
-    from autoenc.runs import build
+    from autoenc.training.runs import build
     from conftest import compose
 
     target = tmp_path / "last.ckpt"
@@ -131,7 +131,7 @@ def test_a_checkpoint_write_that_fails_midway_leaves_the_previous_file_whole(tmp
 def test_results_json_write_that_fails_midway_leaves_the_previous_file_whole(tmp_path, monkeypatch):
     from pathlib import Path
 
-    from autoenc import runs as train
+    from autoenc.training import runs as train
 
     path = tmp_path / "results.json"
     train.write_json(path, {"a": 1})

@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from autoenc.runs import build
+from autoenc.training.runs import build
 from conftest import compose, tb_scalars, train_here
 
 LR = 3e-3

@@ -7,7 +7,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from autoenc.runs import build
+from autoenc.training.runs import build
 from conftest import compose, rebuilt, train_here
 
 SAE = ["net=sae", "bottleneck=topk", "bottleneck.k=2", "likelihood=mse", "model.latent_dim=16", "data.batch_size=32",

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from autoenc.errors import UserError
+from autoenc.util.errors import UserError
 from conftest import autoenc, rebuilt, train_run
 
 # 615 steps of batch 32 at lr 3e-3: enough for an 8-d code to beat PCA-8 on digits (≈0.019 vs 0.024).
@@ -38,8 +38,8 @@ def use(command: str, *overrides: str):
     """Runs a command in-process on its composed config (the CLI's own path is tested separately)."""
     from hydra import compose, initialize_config_dir
 
-    from autoenc import use as commands
-    from autoenc.paths import CONFIGS
+    from autoenc.app import commands as commands
+    from autoenc.util.paths import CONFIGS
 
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
         return getattr(commands, command)(compose(f"command/{command}", overrides=list(overrides)))
@@ -210,7 +210,7 @@ def test_truncated_checkpoint_is_a_one_line_error(ae, tmp_path):
 def test_evaluate_fits_the_baselines_on_the_kind_of_data_it_scores(tmp_path, monkeypatch):
     """A dynamically binarized run is scored on binarized test images, so PCA and the probes are fitted on
     binarized training images; a top-k code is compared with PCA of k components."""
-    from autoenc import metrics
+    from autoenc.model import metrics
 
     run = tmp_path / "run"
     train_run(run, "data.binarize=dynamic", "bottleneck=topk", "bottleneck.k=3", "model.latent_dim=16")

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch.distributions import Bernoulli, Normal, kl_divergence
 
-from autoenc.bottlenecks import gaussian_kl
-from autoenc.likelihoods import Gaussian
-from autoenc.runs import build
+from autoenc.model.bottlenecks import gaussian_kl
+from autoenc.model.likelihoods import Gaussian
+from autoenc.training.runs import build
 from conftest import compose, rebuilt, tb_tags, train_here
 
 RESULT_KEYS = {"test/nelbo", "test/recon", "test/kl", "test/mse", "test/active_units", "test/nll_iwae"}

@@ -6,7 +6,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from autoenc.runs import build
+from autoenc.training.runs import build
 from conftest import compose
 
 SMALL = ["model.latent_dim=4", "net.hidden=[16]", "net.norm=LayerNorm", "model.scheduler=null"]
@@ -34,7 +34,7 @@ def test_weight_penalty_equals_half_lambda_times_the_squared_weight_matrices_and
 
 
 def test_a_negative_weight_penalty_is_refused_in_one_line():
-    from autoenc.errors import UserError
+    from autoenc.util.errors import UserError
 
     with pytest.raises(UserError, match=r"^model.weight_penalty=-1 is invalid"):
         build(compose("model.weight_penalty=-1"))

@@ -29,7 +29,7 @@ def test_each_workload_composes_its_model_on_generated_data_of_its_shape(tmp_pat
     assert vae["net"]["channels"] == [32, 64, 128, 256, 512] and vae["model"]["latent_dim"] == 128
     assert vae["data"]["batch_size"] == 128 and vae["bottleneck"]["_target_"].endswith("Gaussian")
     assert sae["model"]["latent_dim"] == 32768 and sae["bottleneck"]["k"] == 32 and sae["data"]["batch_size"] == 4096
-    assert sae["net"]["_target_"] == "autoenc.nets.sae" and sae["likelihood"]["_target_"].endswith("SquaredError")
+    assert sae["net"]["_target_"] == "autoenc.model.backbones.sae" and sae["likelihood"]["_target_"].endswith("SquaredError")
 
 
 def test_the_conv_workload_uses_celeba_where_the_data_root_has_it(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from autoenc.errors import UserError
+from autoenc.util.errors import UserError
 
 RUN_MARKS = ("results.json", "checkpoints", "multirun.yaml")  # what makes a directory hold a run (or a sweep)
 

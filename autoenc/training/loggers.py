@@ -8,7 +8,7 @@ import logging
 from lightning.pytorch import loggers
 from omegaconf import OmegaConf
 
-from autoenc.errors import UserError
+from autoenc.util.errors import UserError
 
 
 def log_run(run_loggers, hparams: dict, cfg, results: dict) -> None:

@@ -1,4 +1,4 @@
-"""AutoencoderModule: the Lightning shell (steps, logging, optimizers, schedules) around autoenc.core."""
+"""AutoencoderModule: the Lightning shell (steps, logging, optimizers, schedules) around autoenc.model.core."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
-from autoenc.core import Autoencoder
-from autoenc.errors import is_integer, is_number, require
-from autoenc.metrics import SplitStatistics, psnr
-from autoenc.penalties import Penalty
-from autoenc.seeds import Stream, derive
+from autoenc.model.core import Autoencoder
+from autoenc.util.errors import is_integer, is_number, require
+from autoenc.model.metrics import SplitStatistics, psnr
+from autoenc.model.penalties import Penalty
+from autoenc.util.seeds import Stream, derive
 
 log = logging.getLogger("autoenc")
 
@@ -35,7 +35,7 @@ def epoch_means(steps: list) -> dict[str, torch.Tensor]:
 
 
 class AutoencoderModule(pl.LightningModule):
-    """The Lightning shell around an Autoencoder (autoenc.core): the steps and their randomness, logging,
+    """The Lightning shell around an Autoencoder (autoenc.model.core): the steps and their randomness, logging,
     whole-split figures, optimizers and schedules; the pipeline and its loss live in the Autoencoder."""
 
     def __init__(self, net, shape, bottleneck=None, likelihood=None, latent_dim: int = 16, noise=None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-_PKG = Path(__file__).resolve().parent
+_PKG = Path(__file__).resolve().parents[1]  # the autoenc package
 # Installed wheel: autoenc/configs; checkout (editable install): ../configs.
 CONFIGS = next(p for p in (_PKG / "configs", _PKG.parent / "configs") if p.is_dir())
 

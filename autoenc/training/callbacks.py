@@ -14,9 +14,9 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 from lightning.pytorch.profilers import PassThroughProfiler
 from torchvision.utils import make_grid
 
-from autoenc.errors import Interrupt, UserError
-from autoenc.slurm import requeue, slurm_job
-from autoenc.viz import decoder_features, fixed_examples, image_loggers, picture, publish, square
+from autoenc.util.errors import Interrupt, UserError
+from autoenc.util.slurm import requeue, slurm_job
+from autoenc.util.pictures import decoder_features, fixed_examples, image_loggers, picture, publish, square
 
 
 class ProgressBar(TQDMProgressBar):

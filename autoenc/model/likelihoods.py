@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoenc.errors import is_number, require
+from autoenc.util.errors import is_number, require
 
 
 class Bernoulli(nn.Module):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from autoenc.errors import UserError, is_integer, require
-from autoenc.rundir import run_dir_of
+from autoenc.util.errors import UserError, is_integer, require
+from autoenc.training.rundir import run_dir_of
 
 log = logging.getLogger("autoenc")
 
@@ -107,7 +107,7 @@ def build(cfg: DictConfig):
 def resolve_likelihood(cfg: DictConfig, datamodule) -> None:
     """likelihood=auto: replaces cfg.likelihood, in place, by the likelihood the training split's range
     chooses (likelihoods.Auto), and says which in one line; the resolved config is what checkpoints store."""
-    from autoenc.likelihoods import Auto
+    from autoenc.model.likelihoods import Auto
 
     chooser = instantiate(cfg.likelihood) if cfg.get("likelihood") else None
     if isinstance(chooser, Auto):
@@ -156,7 +156,7 @@ def make_trainer(cfg: DictConfig, *extra_callbacks):
     from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary
     from lightning.pytorch.callbacks import ProgressBar as AnyProgressBar
 
-    from autoenc.callbacks import AtomicCheckpointIO, Bundle, NoProfiler, ProgressBar, share
+    from autoenc.training.callbacks import AtomicCheckpointIO, Bundle, NoProfiler, ProgressBar, share
 
     epochs = cfg.trainer.get("max_epochs")
     require(epochs in (None, -1) or (is_integer(epochs) and epochs >= 1), "trainer.max_epochs", epochs,
@@ -178,6 +178,32 @@ def make_trainer(cfg: DictConfig, *extra_callbacks):
     return instantiate(cfg.trainer, callbacks=callbacks + list(extra_callbacks), logger=loggers,
                        enable_model_summary=False, plugins=[AtomicCheckpointIO()], **profiler)
 
+
+
+# Where each module of autoenc 0.2 lives since 0.3: the `_target_`s its checkpoints store name the old ones.
+MOVED = {"errors": "util.errors", "seeds": "util.seeds", "viz": "util.pictures", "paths": "util.paths",
+         "core": "model.core", "bottlenecks": "model.bottlenecks", "penalties": "model.penalties",
+         "likelihoods": "model.likelihoods", "corruption": "model.noise", "nets": "model.backbones",
+         "metrics": "model.metrics", "datasets": "data.sources", "cache": "data.cache", "data": "data.module",
+         "module": "training.module", "callbacks": "training.callbacks", "loggers": "training.loggers",
+         "runs": "training.runs", "training": "training.train", "compare": "evaluation.compare",
+         "cli": "app.cli", "api": "app.api", "use": "app.commands", "schema": "app.schema"}
+
+
+def moved(node):
+    """A stored config with every `_target_` of a 0.2 module renamed to where it lives now."""
+    if isinstance(node, dict):
+        return {k: _renamed(v) if k == "_target_" else moved(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [moved(v) for v in node]
+    return node
+
+
+def _renamed(target):
+    parts = str(target).split(".")
+    if len(parts) == 3 and parts[0] == "autoenc" and parts[1] in MOVED:
+        return f"autoenc.{MOVED[parts[1]]}.{parts[2]}"
+    return target
 
 
 @dataclass
@@ -225,9 +251,9 @@ def load_run(path, iwae_samples: int | None = None, on: str | None = None) -> Ru
     run_dir = run_dir_of(path.resolve()) or (path.parent.parent if path.parent.name == "checkpoints" else path.parent)
     saved = run_dir / ".hydra" / "config.yaml"
     if "autoenc_config" in ckpt:  # what the weights were trained with, which no later command can rewrite
-        run_cfg = OmegaConf.create(ckpt["autoenc_config"])
+        run_cfg = OmegaConf.create(moved(ckpt["autoenc_config"]))
     elif saved.is_file():
-        run_cfg = OmegaConf.load(saved)
+        run_cfg = OmegaConf.create(moved(OmegaConf.to_container(OmegaConf.load(saved))))
     else:
         raise UserError(f"{path} stores no config and {saved} is missing; use a checkpoint inside "
                         "the run directory that `autoenc train` wrote")

@@ -2,6 +2,10 @@
 that objects run on their own settings when they are built."""
 
 
+import os
+import sys
+
+
 class UserError(Exception):
     """A bad input, missing file or unusable checkpoint, with the fix in its message."""
 
@@ -30,3 +34,14 @@ class Interrupt:
 
     signal: int | None = None
     reported = False
+
+
+def fail(message: str) -> None:
+    """Ends the process with the one line `autoenc: error: <message>` on stderr and exit code 2."""
+    print(f"autoenc: error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+def full_error() -> bool:
+    """Whether the user asked for tracebacks (HYDRA_FULL_ERROR=1 set before autoenc started)."""
+    return os.environ.get("AUTOENC_USER_FULL_ERROR", os.environ.get("HYDRA_FULL_ERROR")) == "1"

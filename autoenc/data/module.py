@@ -10,10 +10,9 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from autoenc.errors import UserError, is_integer, is_number, require
-from autoenc.seeds import Stream, derive
+from autoenc.util.errors import UserError, is_integer, is_number, require
+from autoenc.util.seeds import Stream, derive
 
-from autoenc.cache import IMAGE_SUFFIXES  # noqa: F401  (where runs and commands have imported it from)
 
 
 class TensorBatches:

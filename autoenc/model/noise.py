@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from autoenc.errors import is_number, require
+from autoenc.util.errors import is_number, require
 
 
 def _uniform(x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Commands that use a trained model: thin wrappers over the Python API (autoenc.api) that read the
+"""Commands that use a trained model: thin wrappers over the Python API (autoenc.app.api) that read the
 config's keys and write files."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from autoenc.api import Model, load
-from autoenc.errors import UserError, is_integer, require
-from autoenc.runs import write_json
-from autoenc.viz import picture, save_png, square
+from autoenc.app.api import Model, load
+from autoenc.util.errors import UserError, is_integer, require
+from autoenc.training.runs import write_json
+from autoenc.util.pictures import picture, save_png, square
 
 ARRAY_SUFFIXES = (".npy", ".npz", ".pt")
 
@@ -44,7 +44,7 @@ def inputs(cfg: DictConfig, model: Model) -> Inputs:
     if not cfg.input:
         x, y = model.split(cfg.split)
         return Inputs(x, y, np.arange(len(x)), cfg.split)
-    from autoenc.datasets import Arrays, read_images
+    from autoenc.data.sources import Arrays, read_images
 
     path = Path(str(cfg.input)).expanduser()
     if not path.exists():
@@ -124,7 +124,7 @@ def denoise(cfg: DictConfig) -> Path:
     """Rows of clean | corrupted | denoised, with the model's own noise or the one chosen by `noise=`."""
     from hydra.utils import instantiate
 
-    from autoenc import metrics
+    from autoenc.model import metrics
 
     model = load_model(cfg)
     needs_images(model, "denoise")

@@ -10,17 +10,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from autoenc.errors import UserError, is_integer, require
-from autoenc.data import Rows
-from autoenc.runs import Run, load_run
+from autoenc.data.cache import IMAGE_SUFFIXES
+from autoenc.util.errors import UserError, is_integer, require
+from autoenc.data.module import Rows
+from autoenc.training.runs import Run, load_run
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 class Model:
     """A trained autoencoder with its run's input transform: every method takes examples as a tensor or numpy
     array (uint8 or float, one example or a batch), PIL images, or image paths, and returns a tensor (or a
-    numpy array with `numpy=True`). `autoencoder` is the plain nn.Module (autoenc.core.Autoencoder)."""
+    numpy array with `numpy=True`). `autoencoder` is the plain nn.Module (autoenc.model.core.Autoencoder)."""
 
     def __init__(self, run: Run, batch_size: int = 1024):
         self.run, self.batch_size = run, batch_size
@@ -93,8 +93,8 @@ class Model:
 
     def _image(self, item) -> torch.Tensor:
         """One PIL image or image file as uint8 (C, H, W) at the model's size and channels, decoded as the
-        run's training images were (its centre crop, antialiased resize: autoenc.cache)."""
-        from autoenc import cache
+        run's training images were (its centre crop, antialiased resize: autoenc.data.cache)."""
+        from autoenc.data import cache
 
         if len(self.shape) != 3:
             raise UserError(f"this model takes vectors of shape {self.shape}, not images")
@@ -205,7 +205,7 @@ class Model:
         all fitted on a seeded subset of the training split of the same kind of data they are scored on."""
         import lightning.pytorch as pl
 
-        from autoenc import metrics
+        from autoenc.model import metrics
 
         require(is_integer(probe_examples) and probe_examples >= 1, "eval.probe_examples", probe_examples,
                 "a positive integer")
@@ -287,7 +287,7 @@ class Model:
     def _training_sample(self, x, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A seeded sample of at most n training examples (positions in order) and their model inputs: what
         PCA and the linear probes are fitted on."""
-        from autoenc.data import subset
+        from autoenc.data.module import subset
 
         keep = torch.as_tensor(np.sort(np.random.default_rng(seed).permutation(len(x))[:n]))
         return keep, self._map(lambda b: b, subset(x, keep), False)
@@ -298,7 +298,7 @@ class Model:
         have `from_` (default: lack `to`) at each strength, and measures how far they moved: the share of the
         shifted, decoded examples that a linear probe fitted on real training examples (input space, `to`
         against the rest) assigns to `to`. Returns the vector, the examples, the shifted decodings, shares."""
-        from autoenc import metrics
+        from autoenc.model import metrics
 
         vector = self.attribute(to, from_, "train")
         x_te, _ = self.split("test")
@@ -346,14 +346,15 @@ def train(overrides: list[str] | tuple[str, ...] = (), run_dir: str | Path | Non
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf, open_dict
+    from omegaconf import open_dict
     from omegaconf.errors import OmegaConfBaseException
 
-    from autoenc.cli import composition_error, set_threads
-    from autoenc.paths import CONFIGS
-    from autoenc.rundir import claim
-    from autoenc.schema import validate
-    from autoenc.training import train as fit
+    from autoenc.app.schema import composition_error
+    from autoenc.util.threads import set_threads
+    from autoenc.util.paths import CONFIGS
+    from autoenc.training.rundir import claim
+    from autoenc.app.schema import validate
+    from autoenc.training.train import train as fit
 
     overrides = [str(o) for o in overrides]
     try:

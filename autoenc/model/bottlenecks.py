@@ -10,8 +10,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from autoenc.errors import UserError, is_integer, is_number, require
-from autoenc.penalties import global_batch_mean
+from autoenc.util.errors import UserError, is_integer, is_number, require
+from autoenc.model.penalties import global_batch_mean
 
 
 @dataclass

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from autoenc import cache
-from autoenc.data import Rows, TensorDataModule, subset
-from autoenc.data import test_fraction as checked_test_fraction
-from autoenc.errors import UserError, is_integer, require
+from autoenc.data import cache
+from autoenc.data.module import Rows, TensorDataModule, subset
+from autoenc.data.module import test_fraction as checked_test_fraction
+from autoenc.util.errors import UserError, is_integer, require
 
 
 class Digits(TensorDataModule):
@@ -114,7 +114,7 @@ STREAM_ABOVE = 4 * 2**30  # bytes: a larger decoded set is streamed from its cac
 
 
 class Photos(TensorDataModule):
-    """Images decoded once into an on-disk cache (autoenc.cache), keyed by the files and the decode settings
+    """Images decoded once into an on-disk cache (autoenc.data.cache), keyed by the files and the decode settings
     (size, crop, channels). `stream`: auto (a set up to 4 GiB held on the GPU when training there; else
     batches read from the memory-mapped cache, which the page cache holds), true (always read from the
     cache), false (always held in memory)."""

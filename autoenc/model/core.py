@@ -9,10 +9,10 @@ from functools import partial
 import torch
 from torch import nn
 
-from autoenc.bottlenecks import Bottleneck, Latent, Linear, Step
-from autoenc.errors import UserError, is_number, require
-from autoenc.likelihoods import Bernoulli
-from autoenc.penalties import Penalty, jacobian_sq
+from autoenc.model.bottlenecks import Bottleneck, Latent, Linear, Step
+from autoenc.util.errors import UserError, is_number, require
+from autoenc.model.likelihoods import Bernoulli
+from autoenc.model.penalties import Penalty, jacobian_sq
 
 
 @dataclass

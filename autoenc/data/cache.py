@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from autoenc.errors import UserError
+from autoenc.util.errors import UserError
 
 log = logging.getLogger("autoenc")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from autoenc.errors import UserError, is_integer, is_number, require
+from autoenc.util.errors import UserError, is_integer, is_number, require
 
 
 class Penalty:

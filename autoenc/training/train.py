@@ -10,9 +10,9 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("autoenc")
 
-from autoenc.errors import UserError
-from autoenc.rundir import begin
-from autoenc.runs import build, check_range, configure_lightning, load_checkpoint, make_trainer, restore, write_json
+from autoenc.util.errors import UserError
+from autoenc.training.rundir import begin
+from autoenc.training.runs import build, check_range, configure_lightning, load_checkpoint, make_trainer, restore, write_json
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -50,7 +50,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     results |= {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/") and v.numel() == 1}
     if trainer.is_global_zero:
         write_json(out / "results.json", results)
-        from autoenc.loggers import log_run
+        from autoenc.training.loggers import log_run
 
         log_run(trainer.loggers, hparams_of(cfg), cfg, results)
         print(json.dumps(results, indent=2, sort_keys=True))

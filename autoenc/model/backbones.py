@@ -38,7 +38,7 @@ def mlp(shape: Sequence[int], latent_dim: int, head_dim: int | None = None,
 
 def _images(shape: Sequence[int], name: str) -> tuple[int, int, int]:
     if len(shape) != 3:
-        from autoenc.errors import UserError
+        from autoenc.util.errors import UserError
 
         raise UserError(f"net={name} needs images (C, H, W); this data's examples have shape {tuple(shape)}: use net=mlp")
     return tuple(shape)
@@ -132,7 +132,7 @@ def resnet(shape: Sequence[int], latent_dim: int, head_dim: int | None = None,
     c, h, w = _images(shape, "resnet")
     blocks = [blocks] * len(widths) if isinstance(blocks, int) else list(blocks)
     if len(blocks) != len(widths) or min(blocks) < 1:
-        from autoenc.errors import UserError
+        from autoenc.util.errors import UserError
 
         raise UserError(f"net.blocks={blocks} must be a positive integer, or one per stage of net.widths={list(widths)}")
     sizes = _halvings(h, w, len(widths))

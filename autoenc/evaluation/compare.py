@@ -10,7 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from autoenc.errors import UserError
+from autoenc.util.errors import UserError
 
 
 def run_record(run_dir: Path) -> tuple[dict[str, str], dict[str, float]]:

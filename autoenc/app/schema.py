@@ -3,13 +3,15 @@ bottleneck (each object checks its own values when it is built)."""
 
 from __future__ import annotations
 
+import re
+
 import difflib
 import inspect
 
 from omegaconf import DictConfig, OmegaConf
 
-from autoenc.errors import UserError, is_integer, require
-from autoenc.paths import config_dirs
+from autoenc.util.errors import UserError, is_integer, require
+from autoenc.util.paths import config_dirs
 
 
 # The groups whose nodes are checked for unknown keys (loggers and callbacks pass extra keys on).
@@ -105,7 +107,7 @@ def misspelt(config_name: str, overrides: list[str], key: str) -> str | None:
 
 def check_pair(bottleneck_cfg, penalty_cfg) -> None:
     """Refuses a penalty that needs what the bottleneck's codes are not, naming the bottlenecks that fit."""
-    from autoenc.runs import instantiate  # a mistake in either is reported as itself
+    from autoenc.training.runs import instantiate  # a mistake in either is reported as itself
 
     bottleneck, penalty = instantiate(bottleneck_cfg), instantiate(penalty_cfg)
     if penalty.accepts(bottleneck):
@@ -115,3 +117,22 @@ def check_pair(bottleneck_cfg, penalty_cfg) -> None:
     name = type(bottleneck).__name__.lower()
     raise UserError(f"penalty={type(penalty).__name__.lower()} needs {penalty.needs}, which bottleneck={name} "
                     f"does not give; choose bottleneck={'|'.join(fits)}, or another penalty")
+
+
+def composition_error(error: Exception, command: str, overrides: list[str]) -> str:
+    """The one line for a config that Hydra could not compose (an unknown option or key, a value it cannot
+    parse), as the CLI prints it and the Python API raises it."""
+    from hydra.errors import OverrideParseException
+
+    if isinstance(error, OverrideParseException):
+        bad = next((a for a in overrides if a in str(error)), str(error).splitlines()[0])
+        key, _, value = bad.partition("=")
+        return (f"cannot parse {bad!r}: a value with spaces or other special characters must be quoted for Hydra, "
+                f"inside the shell's quotes: '{key}=\"{value}\"'")
+    message = str(error).split("Config search path")[0]
+    key = re.match(r"Could not override '([\w.]+)'\.", message)  # Hydra's hint, to add it with `+`, would not help
+    if key and "." not in key[1]:
+        message = f"Could not override '{key[1]}': `autoenc {command}` has no key {key[1]}"
+    elif key and (nearest := misspelt(f"command/{command}", overrides, key[1])):
+        return nearest
+    return " ".join(f"{message} (see `autoenc {command} --help`)".split())
