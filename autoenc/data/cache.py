@@ -67,7 +67,7 @@ def fit(img: torch.Tensor, size: tuple[int, int], crop: tuple[int, int] | None =
 
     if crop:
         img = F.center_crop(img, list(crop))
-    # as one channels-last image: torch's fast uint8 path for antialiased resizing (1.3× here)
+    # as one channels-last image: torch's fast uint8 path for antialiased resizing
     return F.resize(img[None].contiguous(memory_format=torch.channels_last), list(size), antialias=True)[0]
 
 

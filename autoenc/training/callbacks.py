@@ -355,7 +355,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 class Bundle(Callback):
     """Callbacks that keep no state, dispatched by Lightning as one: Lightning calls every hook of every
-    callback at every step (six per-step hooks, each dispatch about 16–26 Python calls whether or not the
+    callback at every step (six per-step hooks, each dispatch a few dozen Python calls whether or not the
     callback acts then), so one bundle of three costs a third; each hook goes on only to the callbacks
     that define it, in their order. `share` lets another callback (the progress bar) carry the bundle."""
 
@@ -391,7 +391,7 @@ def _fan_out(targets):
 
 class NoProfiler(PassThroughProfiler):
     """Lightning's pass-through profiler without its per-action generator: `profile()` returns one shared
-    null context (about 7 fewer Python calls for each hook Lightning dispatches); trainer.profiler=simple
+    null context (fewer Python calls for each hook Lightning dispatches); trainer.profiler=simple
     or advanced still gets Lightning's own."""
 
     _null = contextlib.nullcontext()

@@ -7,9 +7,8 @@ import os
 
 def set_threads(threads) -> None:
     """torch's intra-op threads for this command (`threads=`): a number; `auto`, OMP_NUM_THREADS if set,
-    else half the cores this process may use, so that other load on the machine cannot stall threads
-    that wait on each other (on 2 cores, 2 threads took 2× as long as 1 beside one busy core, and no
-    less alone); null keeps torch's default of one per core."""
+    else half the cores this process may use, so that other load on the machine cannot stall threads that
+    wait on each other (docs/speed.md); null keeps torch's default of one per core."""
     from autoenc.util.errors import is_integer, require
 
     require(threads in (None, "auto") or (is_integer(threads) and threads >= 1), "threads", threads,
