@@ -161,7 +161,7 @@ class PlainLoop:
         from autoenc.training.runs import build
 
         torch.manual_seed(cfg.seed)
-        datamodule, model = build(cfg)
+        datamodule, model, _ = build(cfg)
         self.args, self.model = args, model.to(args.device)
         self.opt = model.optimizer_factory(model.parameters())
         x = datamodule.splits["train"][0]  # stored as uint8 or float, like autoenc; Rows read whole
@@ -291,7 +291,7 @@ def run_path(args, family: str, path: str) -> dict:
         t1 = time.perf_counter()
         configure_lightning()
         pl.seed_everything(cfg.seed, verbose=False)
-        datamodule, model = build(cfg)
+        datamodule, model, _ = build(cfg)
         if path == "autoenc":
             make_trainer(cfg, alternate(args, plain, totals, path)).fit(model, datamodule=datamodule)
             totals["startup"] = (plain_t0 - t0) + totals["first_step"][0] - t1

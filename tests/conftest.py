@@ -30,28 +30,25 @@ FAST = ["trainer=debug", "trainer.limit_train_batches=3", "trainer.limit_val_bat
 
 
 def compose(*overrides: str, run_dir: Path | str = "unused", fast: bool = True):
-    """The config `autoenc train OVERRIDES` composes, writing into run_dir (Hydra not running)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    """The config `autoenc train OVERRIDES` composes, writing into run_dir (Hydra not running): the way in
+    that the CLI and the API take (autoenc.app.compose)."""
+    from autoenc.app.compose import compose as compose_command
 
-    from autoenc.util.paths import CONFIGS
-
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return hydra_compose("train", overrides=[*(FAST if fast else []), *overrides, f"paths.output_dir={run_dir}"])
+    return compose_command("train", [*(FAST if fast else []), *overrides, f"paths.output_dir={run_dir}"])
 
 
 def train_here(run_dir: Path, *overrides: str, fast: bool = True) -> dict:
     """Validates and trains in this process, as `autoenc train` would, and returns its results."""
     from omegaconf import OmegaConf
 
+    from autoenc.app.compose import run
     from autoenc.app.schema import validate
-    from autoenc.training.train import train
 
     cfg = compose(*overrides, run_dir=run_dir, fast=fast)
     validate(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))  # where `rebuilt` finds it
-    return train(cfg)
+    return run(cfg)
 
 
 def rebuilt(run_dir: Path, ckpt: str = "best.ckpt"):
@@ -63,7 +60,7 @@ def rebuilt(run_dir: Path, ckpt: str = "best.ckpt"):
     saved = run_dir / ".hydra" / "config.yaml"
     cfg = OmegaConf.load(saved if saved.is_file() else run_dir / "config.yaml")
     cfg.paths.output_dir = str(run_dir)
-    datamodule, model = build(cfg)
+    datamodule, model, _ = build(cfg)
     state = torch.load(run_dir / "checkpoints" / ckpt, map_location="cpu", weights_only=True)
     model.load_state_dict(state["state_dict"])
     return datamodule, model.eval()

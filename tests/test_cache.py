@@ -152,7 +152,7 @@ def test_augmentation_is_applied_to_training_batches_only(tmp_path):
     from autoenc.training.runs import build
 
     cfg = compose("data.augment.flip=1.0", run_dir=tmp_path)
-    datamodule, _ = build(cfg)
+    datamodule, _, _ = build(cfg)
     x = torch.rand(4, 1, 8, 8)
 
     class Loop:

@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from autoenc.app import cli
+from autoenc.app.compose import function
 from autoenc.util.paths import CONFIGS
 from conftest import cli_error, cli_here
 
@@ -34,7 +35,7 @@ def test_the_configs_declare_the_commands_there_were():
 @pytest.mark.parametrize("name", FILES)
 def test_every_command_yaml_composes_and_names_a_function_and_one_line(name):
     cfg = composed(name)
-    assert callable(cli.function(cfg.run)) and cfg.run.startswith("autoenc.")
+    assert callable(function(cfg.run)) and cfg.run.startswith("autoenc.")
     assert cfg.about and "\n" not in cfg.about
     assert own_keys(name) <= set(cfg)
 

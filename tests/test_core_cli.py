@@ -60,7 +60,7 @@ def test_test_mse_equals_recomputation_from_the_best_checkpoint(run):
 
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     cfg.paths.output_dir = str(run_dir)
-    datamodule, model = build(cfg)
+    datamodule, model, _ = build(cfg)
     ckpt = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
     model.load_state_dict(ckpt["state_dict"])
     x, _ = datamodule.splits["test"]

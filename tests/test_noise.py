@@ -54,7 +54,7 @@ def test_training_reconstructs_the_clean_input_not_the_noisy_one():
         cfg = compose("train", overrides=["model=denoising", "noise=masking", "noise.p=0.5",
                                           "net.hidden=[64]", "paths.output_dir=unused"])
     torch.manual_seed(0)
-    datamodule, model = build(cfg)
+    datamodule, model, _ = build(cfg)
     x_train, x_val = (to_unit(datamodule.splits[k][0]) for k in ("train", "val"))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     g = seeded(0)

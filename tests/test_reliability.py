@@ -155,7 +155,7 @@ def test_lightning_gradient_clipping_bounds_the_step(tmp_path):
                  f"trainer.gradient_clip_val={clip}", "trainer.limit_train_batches=1"]
     train_here(tmp_path, *overrides)
     pl.seed_everything(0, workers=True, verbose=False)  # as train() does: the same initial weights
-    _, model = build(compose(*overrides))
+    _, model, _ = build(compose(*overrides))
     after = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     change = torch.cat([(after[k] - v).flatten() for k, v in model.state_dict().items()]).norm()
     assert change == pytest.approx(clip, rel=1e-3)

@@ -119,7 +119,7 @@ def test_a_checkpoint_write_that_fails_midway_leaves_the_previous_file_whole(tmp
         raise OSError("simulated failure during the write")
 
     monkeypatch.setattr(LocalFileOpener, "write", half_then_fail)
-    _, model = build(compose())
+    _, model, _ = build(compose())
     trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, max_steps=1,
                          limit_val_batches=0, enable_checkpointing=False)
     trainer.strategy.connect(model)

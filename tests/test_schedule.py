@@ -51,7 +51,7 @@ def test_an_unbounded_run_trains_at_a_constant_rate_and_says_so(tmp_path, caplog
         def on_train_batch_start(self, trainer, *args):
             lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
 
-    _, model = build(compose("trainer.max_epochs=-1", run_dir=tmp_path))
+    _, model, _ = build(compose("trainer.max_epochs=-1", run_dir=tmp_path))
     datamodule = build(compose())[0]
     trainer = pl.Trainer(max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0, callbacks=[StopAfterFour(), Record()])

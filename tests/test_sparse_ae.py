@@ -20,7 +20,7 @@ def decoder_weight(model) -> torch.Tensor:
 
 def test_decoder_columns_have_unit_norm_after_a_step_and_the_encoder_starts_as_its_transpose():
     torch.manual_seed(0)
-    _, model = build(compose(*SAE))
+    _, model, _ = build(compose(*SAE))
     assert torch.allclose(model.autoencoder.encoder[2].weight, decoder_weight(model).t())
     opt = torch.optim.Adam(model.parameters(), lr=0.1)
     x = torch.rand(32, 1, 8, 8)
@@ -38,7 +38,7 @@ def fit_with_unit_0_killed(aux_coef: float, steps: int = 400, net: str = "sae", 
     torch.manual_seed(0)
     cfg = compose(*SAE, f"net={net}", f"bottleneck.aux_coef={aux_coef}", "bottleneck.dead_window=30",
                   f"bottleneck.standardize={standardize}", fast=False)
-    datamodule, model = build(cfg)
+    datamodule, model, _ = build(cfg)
     head = [m for m in model.autoencoder.encoder.modules() if isinstance(m, torch.nn.Linear)][-1]
     with torch.no_grad():
         head.weight[0], head.bias[0] = 0.0, -0.1

@@ -57,7 +57,7 @@ def test_conv_denoising_vae_learns_its_gaussian_sigma_and_iwae_beats_its_elbo():
     cfg = compose("model=vae", "net=conv", "noise=gaussian", "likelihood=gaussian", "likelihood.sigma=null",
                   "model.latent_dim=4", fast=False)
     torch.manual_seed(0)
-    datamodule, model = build(cfg)
+    datamodule, model, _ = build(cfg)
     x_train, x_val = (datamodule.splits[k][0] for k in ("train", "val"))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for step in range(60):
@@ -155,7 +155,7 @@ def test_dynamic_binarization_and_kl_warmup(tmp_path):
 
     cfg = compose("model=vae", "data.binarize=dynamic", "data.batch_size=4096", "bottleneck.beta=0.5",
                   "bottleneck.warmup_epochs=2", run_dir=tmp_path)
-    datamodule, model = build(cfg)
+    datamodule, model, _ = build(cfg)
     logger = pl.loggers.CSVLogger(tmp_path)
     trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=logger, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,

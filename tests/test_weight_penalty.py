@@ -13,7 +13,7 @@ SMALL = ["model.latent_dim=4", "net.hidden=[16]", "net.norm=LayerNorm", "model.s
 
 
 def test_weight_penalty_equals_half_lambda_times_the_squared_weight_matrices_and_excludes_biases_and_norms():
-    _, model = build(compose(*SMALL, "model.weight_penalty=0.3"))
+    _, model, _ = build(compose(*SMALL, "model.weight_penalty=0.3"))
     ae = model.autoencoder
     x = torch.rand(5, 1, 8, 8)
     out = ae(x)
@@ -45,7 +45,7 @@ def test_full_batch_lbfgs_equals_a_plain_pytorch_lbfgs_loop():
              "+model.optimizer.history_size=10", "data.batch_size=100000", "model.weight_penalty=0.01"]
     cfg = compose(*SMALL, *lbfgs, fast=False)
     torch.manual_seed(0)
-    datamodule, model = build(cfg)
+    datamodule, model, _ = build(cfg)
     plain = build(cfg)[1].autoencoder
     plain.load_state_dict(model.autoencoder.state_dict())
     x = datamodule.transform(datamodule.splits["train"][0])

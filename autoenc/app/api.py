@@ -343,38 +343,23 @@ class TrainedRun:
 def train(overrides: list[str] | tuple[str, ...] = (), run_dir: str | Path | None = None) -> TrainedRun:
     """Trains as `autoenc train OVERRIDES` does, from Python (the run directory: `run_dir`, else
     outputs/<date>/<time>_<model>_<data>); returns the run. Mistakes raise autoenc.UserError."""
-    from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
-    from hydra.errors import HydraException
-    from omegaconf import open_dict
-    from omegaconf.errors import OmegaConfBaseException
+    from omegaconf import read_write
 
-    from autoenc.app.schema import composition_error
-    from autoenc.util.threads import set_threads
-    from autoenc.util.paths import CONFIGS
-    from autoenc.training.rundir import claim
+    from autoenc.app.compose import compose, run
     from autoenc.app.schema import validate
-    from autoenc.training.train import train as fit
+    from autoenc.training.rundir import claim
 
-    overrides = [str(o) for o in overrides]
-    try:
-        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-            cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    except (HydraException, OmegaConfBaseException) as e:
-        raise UserError(composition_error(e, "train", overrides)) from None
-    HydraConfig.instance().set_config(cfg)  # resolves ${hydra:…} and ${now:…} in the run directory's name
-    out = Path(run_dir) if run_dir is not None else Path(cfg.hydra.run.dir)
-    with open_dict(cfg):
-        del cfg.hydra
+    cfg = compose("train", overrides, hydra=True)
     validate(cfg)
-    set_threads(cfg.get("threads"))
     # the same run directory rules as `autoenc train`; written only once the run starts (training.train)
-    taken = claim(out, command=" ".join(["train", *overrides]), ckpt_path=cfg.get("ckpt_path"),
+    out = Path(run_dir) if run_dir is not None else Path(HydraConfig.get().run.dir)
+    taken = claim(out, command=" ".join(["train", *map(str, overrides)]), ckpt_path=cfg.get("ckpt_path"),
                   overwrite=bool(cfg.get("overwrite")), resume=bool(cfg.get("resume")), default=run_dir is None,
                   what="run_dir" if run_dir is not None else "hydra.run.dir")
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(taken.dir)
+    with read_write(HydraConfig.get().runtime):
+        HydraConfig.get().runtime.output_dir = str(taken.dir)  # what ${paths.output_dir} reads, as in a CLI run
     try:
-        return TrainedRun(taken.dir, fit(cfg))
+        return TrainedRun(taken.dir, run(cfg))
     finally:
         taken.release()

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import errno
-import importlib
 import os
 import signal
 import sys
 import threading
 from pathlib import Path
 
+from autoenc.app.compose import run
 from autoenc.app.schema import composition_error
 from autoenc.util.errors import Interrupt, fail, full_error
-from autoenc.util.threads import set_threads
 from autoenc.util.paths import CONFIGS, config_dirs
 
 _ARGV0 = sys.argv[0]  # the program as started (the `autoenc` script or autoenc/__main__.py)
@@ -28,22 +27,6 @@ def commands() -> dict[str, Path]:
         for f in sorted((root / "command").glob("*.yaml")):
             found.setdefault(f.stem, f)
     return dict(sorted(found.items(), key=lambda item: (item[0] != "train", item[0])))
-
-
-def function(path: str):
-    """The function a command's `run: module:function` names, or a UserError saying it is not one."""
-    from autoenc.util.errors import UserError
-
-    module, _, name = str(path).partition(":")
-    try:
-        fn = getattr(importlib.import_module(module), name, None)
-    except ModuleNotFoundError as e:
-        if module != e.name and not module.startswith(f"{e.name}."):
-            raise  # the module exists; something it imports is missing
-        fn = None
-    if not callable(fn):
-        raise UserError(f"run={path} is not a function: name one as module:function")
-    return fn
 
 
 USAGE = """usage: autoenc <command> [key=value ...] [--help] [-m]
@@ -88,8 +71,7 @@ def _task(command: str):
             validate(cfg)
             if _in_sweep():
                 _claim_job(cfg, command)
-            set_threads(cfg.get("threads"))
-            return _objective(cfg, function(cfg.run)(cfg))
+            return _objective(cfg, run(cfg))
         except (UserError, InstantiationException, OmegaConfBaseException) as e:
             if full_error():
                 raise

@@ -11,11 +11,11 @@ import inspect
 from omegaconf import DictConfig, OmegaConf
 
 from autoenc.util.errors import UserError, is_integer, require
-from autoenc.util.paths import config_dirs
+from autoenc.util.paths import PIPELINE, config_dirs
 
 
 # The groups whose nodes are checked for unknown keys (loggers and callbacks pass extra keys on).
-GROUPS = ("model", "data", "net", "noise", "bottleneck", "penalty", "likelihood", "trainer")
+GROUPS = (*PIPELINE, "trainer")
 
 
 def validate(cfg: DictConfig) -> None:

@@ -271,6 +271,19 @@ class SafetyNet(Callback):
                             f"{trainer.current_epoch}); lower model.optimizer.lr or check the data; {kept}")
 
 
+class StoredConfig(Callback):
+    """Stores the run's config, as built, in every checkpoint (`autoenc_config`), interpolations kept (the data
+    root is found anew where the model is used): what the commands and `autoenc.load` rebuild the model from."""
+
+    def __init__(self, config):
+        from omegaconf import OmegaConf
+
+        self.config = OmegaConf.to_container(config)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        checkpoint["autoenc_config"] = self.config
+
+
 class Checkpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint, with last.ckpt the last state: written at every validation whether or not
     the monitored figure improved (Lightning writes it only when a top-k checkpoint was saved) and when

@@ -54,7 +54,6 @@ class AutoencoderModule(pl.LightningModule):
         self.scheduler_factory, self.lr_schedule = scheduler, dict(lr_schedule or {})
         self.iwae_samples, self.iwae_chunk = iwae_samples, iwae_chunk
         self.noise_seed, self.seed = noise_seed, seed
-        self.run_config: dict | None = None  # the resolved run config, stored in checkpoints
         self._streams: dict[tuple, Stream] = {}  # training randomness, reseeded every step
         self._generators: dict[tuple, torch.Generator] = {}  # val/test randomness, restarted every epoch
         self.statistics = SplitStatistics()
@@ -195,8 +194,6 @@ class AutoencoderModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": factory(opt), **config}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.run_config is not None:
-            checkpoint["autoenc_config"] = self.run_config
         if self._train_steps:  # so that a mid-epoch resume logs the whole epoch's means
             checkpoint["autoenc_train_steps"] = [(list(k), v.cpu(), n) for k, v, n in self._train_steps]
 

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from autoenc.util.errors import UserError, is_integer, require
 from autoenc.training.rundir import run_dir_of
+from autoenc.util.paths import SEAMS
 
 log = logging.getLogger("autoenc")
 
@@ -96,25 +97,29 @@ def restore(model, ckpt: dict, path) -> None:
 
 
 def build(cfg: DictConfig):
-    """The data module and the LightningModule a config describes (the model built from the data's shape)."""
+    """The data module and the LightningModule a config describes (the model built from the data's shape),
+    and the config as built: `cfg` itself, or with likelihood=auto resolved (what checkpoints store)."""
     datamodule = instantiate(cfg.data)
-    resolve_likelihood(cfg, datamodule)
-    seams = {k: instantiate(cfg[k]) if cfg.get(k) else None for k in ("noise", "bottleneck", "penalty", "likelihood")}
+    cfg = resolved(cfg, datamodule)
+    seams = {k: instantiate(cfg[k]) if cfg.get(k) else None for k in SEAMS}
     model = instantiate(cfg.model, net=instantiate(cfg.net), shape=datamodule.shape, **seams)
-    return datamodule, model
+    return datamodule, model, cfg
 
 
-def resolve_likelihood(cfg: DictConfig, datamodule) -> None:
-    """likelihood=auto: replaces cfg.likelihood, in place, by the likelihood the training split's range
-    chooses (likelihoods.Auto), and says which in one line; the resolved config is what checkpoints store."""
+def resolved(cfg: DictConfig, datamodule) -> DictConfig:
+    """likelihood=auto: a copy of `cfg` with the likelihood the training split's range chooses
+    (likelihoods.Auto), said in one line; any other config as it is."""
     from autoenc.model.likelihoods import Auto
 
     chooser = instantiate(cfg.likelihood) if cfg.get("likelihood") else None
-    if isinstance(chooser, Auto):
-        lo, hi = datamodule.value_range()
-        cfg.likelihood = chooser.choose((lo, hi))
-        log.info(f"likelihood=auto: {cfg.likelihood._target_.rsplit('.', 1)[-1]} "
-                 f"(the training data spans [{lo:.4g}, {hi:.4g}])")
+    if not isinstance(chooser, Auto):
+        return cfg
+    lo, hi = datamodule.value_range()
+    chosen = cfg.copy()
+    chosen.likelihood = chooser.choose((lo, hi))
+    log.info(f"likelihood=auto: {chosen.likelihood._target_.rsplit('.', 1)[-1]} "
+             f"(the training data spans [{lo:.4g}, {hi:.4g}])")
+    return chosen
 
 
 def instantiate(node, **kwargs):
@@ -261,7 +266,7 @@ def load_run(path, iwae_samples: int | None = None, on: str | None = None) -> Ru
     if iwae_samples is not None:
         run_cfg.model.iwae_samples = iwae_samples
     configure_lightning()
-    datamodule, module = build(run_cfg)
+    datamodule, module, _ = build(run_cfg)
     restore(module, ckpt, path)  # the checkpoint already read above, not read again
     if type(datamodule).__qualname__ in ckpt:
         datamodule.load_state_dict(ckpt[type(datamodule).__qualname__])

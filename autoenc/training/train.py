@@ -10,7 +10,9 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("autoenc")
 
+from autoenc.training.callbacks import StoredConfig
 from autoenc.util.errors import UserError
+from autoenc.util.paths import PIPELINE
 from autoenc.training.rundir import begin
 from autoenc.training.runs import build, check_range, configure_lightning, load_checkpoint, make_trainer, restore, write_json
 
@@ -20,15 +22,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     import lightning.pytorch as pl
 
     configure_lightning()
-    out = Path(cfg.paths.output_dir)
-    if cfg.get("resume") and not cfg.ckpt_path:  # resume=true: continue the run in this directory, if any
+    out, ckpt_path = Path(cfg.paths.output_dir), cfg.ckpt_path
+    if cfg.get("resume") and not ckpt_path:  # resume=true: continue the run in this directory, if any
         if (out / "results.json").is_file():
             log.info(f"{out} has finished already (results.json): nothing to resume")
             return json.loads((out / "results.json").read_text())
         if (out / "checkpoints" / "last.ckpt").is_file():
-            cfg.ckpt_path = str(out / "checkpoints" / "last.ckpt")
+            ckpt_path = str(out / "checkpoints" / "last.ckpt")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule, model = build(cfg)
+    datamodule, model, built = build(cfg)
     if not len(datamodule.splits["train"][0]):
         raise UserError("the training split is empty (data.classes, data.val_fraction or the data itself leave "
                         "no example to train on); nothing was trained")
@@ -36,12 +38,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if not len(datamodule.splits["val"][0]):
         log.warning("no validation split (data.val_fraction=0): no best.ckpt is chosen and the test uses the "
                     "final weights (last.ckpt)")
-    model.run_config = OmegaConf.to_container(cfg)  # interpolations kept: the data root is found anew where the model is used
-    trainer = make_trainer(cfg)
-    if cfg.ckpt_path:
-        restore(model, load_checkpoint(cfg.ckpt_path), cfg.ckpt_path)  # a clear error before Lightning reads it
-    begin(out, cfg)  # accepted: from here the run writes into its directory
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    trainer = make_trainer(built, StoredConfig(built))
+    if ckpt_path:
+        restore(model, load_checkpoint(ckpt_path), ckpt_path)  # a clear error before Lightning reads it
+    begin(out, built)  # accepted: from here the run writes into its directory
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     ckpt = next((cb for cb in trainer.checkpoint_callbacks if cb.monitor), None)  # the best-by-val/loss one
     best = ckpt.best_model_path if ckpt else ""
     # The tested checkpoint's monitored score (best val/loss): what `-m` searches optimize.
@@ -52,7 +53,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         write_json(out / "results.json", results)
         from autoenc.training.loggers import log_run
 
-        log_run(trainer.loggers, hparams_of(cfg), cfg, results)
+        log_run(trainer.loggers, hparams_of(built), built, results)
         print(json.dumps(results, indent=2, sort_keys=True))
         print(where_things_are(out.resolve(), model.autoencoder, best))
     return results
@@ -77,7 +78,7 @@ def hparams_of(cfg: DictConfig) -> dict:
     """The choices and numbers that tell runs apart, flattened for TensorBoard's HParams view."""
     from hydra.core.hydra_config import HydraConfig
 
-    flat, groups = {}, ("model", "net", "data", "noise", "bottleneck", "penalty", "likelihood")
+    flat, groups = {}, PIPELINE
     if HydraConfig.initialized():  # the pipeline's choices (not logger, callbacks…: they tell no model apart)
         choices = HydraConfig.get().runtime.choices
         flat.update({f"choice/{k}": str(choices[k]) for k in (*groups, "experiment") if choices.get(k) is not None})

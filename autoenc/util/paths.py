@@ -10,6 +10,11 @@ _PKG = Path(__file__).resolve().parents[1]  # the autoenc package
 CONFIGS = next(p for p in (_PKG / "configs", _PKG.parent / "configs") if p.is_dir())
 
 
+# The config groups, named once: the pipeline's four seams, and the groups that tell one model from another.
+SEAMS = ("noise", "bottleneck", "penalty", "likelihood")
+PIPELINE = ("model", "net", "data", *SEAMS)
+
+
 def config_dirs() -> list[Path]:
     """CONFIGS, then AUTOENC_CONFIG_DIR if it is set: where a config is looked for, in that order."""
     extra = os.environ.get("AUTOENC_CONFIG_DIR")
