@@ -121,6 +121,13 @@ def test_a_second_sweep_into_a_used_sweep_directory_is_refused_resumed_or_replac
     assert line == (f"autoenc: error: {sweep} already holds a sweep (multirun.yaml); continue it with resume=true and "
                     "the same overrides, choose another hydra.sweep.dir=, or add overwrite=true to replace it")
     assert digest(sweep) == before
+    line = one_line_error(autoenc("train", "-m", "model.latnt_dim=8,16", f"hydra.sweep.dir={sweep}", "overwrite=true",
+                                  *fast, cwd=tmp_path, check=False))  # refused before its first job: nothing replaced
+    assert line.endswith("did you mean model.latent_dim?") and digest(sweep) == before
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    line = one_line_error(autoenc("train", "-m", "model.latnt_dim=8,16", cwd=fresh, check=False))
+    assert line.endswith("did you mean model.latent_dim?") and not list(fresh.iterdir())  # no outputs/multirun stub
     assert "resume=true continues it only with the same overrides" in one_line_error(autoenc(
         "train", "-m", "model.latent_dim=8,16", f"hydra.sweep.dir={sweep}", "resume=true", *fast, cwd=tmp_path, check=False))
     (sweep / "1" / "results.json").unlink()  # job 1 was stopped before its end: resume=true finishes it alone

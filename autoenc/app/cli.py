@@ -259,6 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     # print them as one line; the user's own HYDRA_FULL_ERROR=1 still gets the traceback.
     os.environ.setdefault("AUTOENC_USER_FULL_ERROR", os.environ.get("HYDRA_FULL_ERROR", "0"))
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    from autoenc.training.rundir import release_all
     from autoenc.util.errors import UserError
 
     try:
@@ -266,10 +267,12 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:  # raised before the job started (the run directory's checks)
         if full_error():
             raise
+        release_all()
         fail(str(e))
     except (HydraException, OmegaConfBaseException) as e:
         if full_error():
             raise
+        release_all()  # a sweep refused before its first job leaves nothing (its multirun.yaml put back)
         fail(composition_error(e, command, rest))
 
 

@@ -71,7 +71,7 @@ class RunDirectory(Callback):
                 fail(f"{out.absolute()} holds the sweep `{' '.join(before)}`; resume=true continues it only with the "
                       f"same overrides (these are `{' '.join(ours)}`); choose another hydra.sweep.dir= for a new sweep")
         found = _claim(out, config, resume=resume, default=not given, what="hydra.sweep.dir")
-        found.accept()  # a replaced sweep goes now: its jobs are the new sweep's to write
+        found.keep(found.dir / "multirun.yaml")  # Hydra writes it before any job is checked
         with read_write(config.hydra.sweep):
             config.hydra.sweep.dir = str(found.dir)
 

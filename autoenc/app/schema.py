@@ -93,8 +93,12 @@ def misspelt(config_name: str, overrides: list[str], key: str) -> str | None:
     group = key.split(".")[0]
     if group not in GROUPS:
         return None
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     added = [f"+{o}" if o.split("=")[0] == key else o for o in overrides if "=" in o and not o.startswith("-")]
-    try:
+    try:  # a sweep (-m k=a,b) is checked with each swept key's first value
+        added = [f"{o.get_key_element()}={next(o.sweep_string_iterator())}" if o.is_sweep_override() else o.input_line
+                 for o in OverridesParser.create().parse_overrides(added)]
         with initialize_config_dir(config_dir=str(config_dirs()[0]), version_base="1.3"):
             cfg = compose(config_name, overrides=added)
         check_keys(OmegaConf.to_container(cfg[group], resolve=False), group)

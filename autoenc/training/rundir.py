@@ -43,14 +43,19 @@ class Claim:
     created: list[Path]
     replaces: bool = False
     accepted: bool = False
+    saved: dict | None = None  # files that may be rewritten before the run is accepted: their bytes (None: absent)
 
-    def accept(self) -> None:
-        """The run starts: an earlier run that overwrite=true replaces is removed (all but the lock)."""
+    def keep(self, *files: Path) -> None:
+        """Remembers `files` as they are, to be put back if the run is refused before it starts."""
+        self.saved = {f: f.read_bytes() if f.is_file() else None for f in files}
+
+    def accept(self, spare: tuple = ()) -> None:
+        """The run starts: an earlier run that overwrite=true replaces is removed (all but the lock and `spare`)."""
         self.accepted = True
         if self.replaces:
             self.replaces = False
             for entry in self.dir.iterdir():
-                if entry != self.lock:
+                if entry != self.lock and entry not in spare:
                     shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
     def release(self) -> None:
@@ -58,6 +63,8 @@ class Claim:
         self.lock.unlink(missing_ok=True)
         _CLAIMS.pop(self.dir, None)
         if not self.accepted:
+            for f, content in (self.saved or {}).items():
+                f.unlink(missing_ok=True) if content is None else f.write_bytes(content)
             for d in self.created:  # deepest first; a folder something else wrote into stays
                 try:
                     d.rmdir()
@@ -159,6 +166,9 @@ def begin(out: Path, cfg) -> None:
     if not further_rank():  # rank 0 writes
         if out in _CLAIMS:
             _CLAIMS[out].accept()
+        sweep = _CLAIMS.get(out.parent)  # a sweep starts with its first job: a replaced sweep goes then
+        if sweep is not None and not sweep.accepted:
+            sweep.accept(spare=(out, out.parent / "multirun.yaml"))
         saved = out / ".hydra"
         saved.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, saved / "config.yaml")
