@@ -292,3 +292,32 @@ def test_resume_true_needs_the_directory_it_continues(tmp_path, capsys, monkeypa
     line = cli_error(capsys, "train", "-m", "resume=true", "model.latent_dim=2,3")
     assert line == "autoenc: error: resume=true continues the sweep in hydra.sweep.dir=: name that directory"
     assert not list(tmp_path.iterdir())
+
+
+def test_a_taken_default_run_directory_moves_to_the_next_name_and_a_given_one_is_refused(tmp_path):
+    """What two runs started in the same second meet: the default name held by another live run (its .lock) or
+    holding an earlier run moves on to <name>_2, _3; the same directory given by hand is refused."""
+    import subprocess
+
+    from autoenc.training.rundir import claim
+    from autoenc.util.errors import UserError
+
+    run = tmp_path / "12-00-00_ae_digits"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        run.mkdir()
+        (run / ".lock").write_text(f"{holder.pid}\ntrain seed=1\n")
+        second = claim(run, command="train seed=2", default=True)
+        assert second.dir == tmp_path / "12-00-00_ae_digits_2" and (second.dir / ".lock").is_file()
+        with pytest.raises(UserError, match="is being written by another run"):
+            claim(run, command="train seed=2")
+        (second.dir / "results.json").write_text("{}")
+        second.accepted = True
+        second.release()
+        third = claim(run, command="train seed=3", default=True)
+        assert third.dir == tmp_path / "12-00-00_ae_digits_3"
+        third.release()
+        assert not third.dir.exists()  # refused before it started: the folder it made is gone
+    finally:
+        holder.kill()
+        holder.wait()
