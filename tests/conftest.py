@@ -177,6 +177,16 @@ def tb_text(run_dir: Path, tag: str) -> str:
     return text
 
 
+def hold_lock(run_dir: Path, command: str):
+    """Another live run holding `run_dir`: a process with its .lock flocked, as a run has it (stop it with kill)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    code = ("import fcntl, os, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.truncate(0); "
+            "f.write(f'{os.getpid()}\\n' + sys.argv[2] + '\\n'); f.flush(); print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run_dir / ".lock"), command], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "FashionMNIST" / "raw").is_dir():

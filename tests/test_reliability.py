@@ -215,7 +215,7 @@ def test_a_run_directory_belongs_to_one_run(tmp_path, capsys):
 
     run = tmp_path / "run"
     train_run = ["train", f"hydra.run.dir={run}", *FAST]
-    from conftest import cli_here
+    from conftest import cli_here, hold_lock
 
     cli_here(*train_run)
     before = (run / "results.json").read_text()
@@ -224,15 +224,14 @@ def test_a_run_directory_belongs_to_one_run(tmp_path, capsys):
                     f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}, choose another hydra.run.dir=, or add "
                     "overwrite=true to replace it")
     assert (run / "results.json").read_text() == before and not (run / "samples.png").exists()
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = hold_lock(run, "train model=ae")
     try:
-        (run / ".lock").write_text(f"{holder.pid}\ntrain model=ae\n")
         line = cli_error(capsys, *train_run, "overwrite=true")
         assert f"is being written by another run (process {holder.pid}: autoenc train model=ae)" in line
     finally:
         holder.kill()
         holder.wait()
-    cli_here(*train_run, "model=vae", "overwrite=true")  # the holder is gone: its lock is stale
+    cli_here(*train_run, "model=vae", "overwrite=true")  # the holder is gone: its lock went with it
     assert (run / "samples.png").exists() and not (run / ".lock").exists()
     blocked = tmp_path / "a_file"
     blocked.write_text("not a directory")
@@ -301,12 +300,11 @@ def test_a_taken_default_run_directory_moves_to_the_next_name_and_a_given_one_is
 
     from autoenc.training.rundir import claim
     from autoenc.util.errors import UserError
+    from conftest import hold_lock
 
     run = tmp_path / "12-00-00_ae_digits"
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = hold_lock(run, "train seed=1")
     try:
-        run.mkdir()
-        (run / ".lock").write_text(f"{holder.pid}\ntrain seed=1\n")
         second = claim(run, command="train seed=2", default=True)
         assert second.dir == tmp_path / "12-00-00_ae_digits_2" and (second.dir / ".lock").is_file()
         with pytest.raises(UserError, match="is being written by another run"):
@@ -321,3 +319,21 @@ def test_a_taken_default_run_directory_moves_to_the_next_name_and_a_given_one_is
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_overwrite_removes_only_what_an_earlier_run_wrote_and_never_the_current_directory(tmp_path, capsys, monkeypatch):
+    """overwrite=true replaces the earlier run's files (pictures, checkpoints, events, .hydra) and keeps a user's own;
+    a run directory given as `..`-laden path is the same directory; the working directory itself is never cleared."""
+    from conftest import cli_here
+
+    run = tmp_path / "run"
+    cli_here("train", f"hydra.run.dir={run}", *FAST, "model=vae")
+    (run / "notes.txt").write_text("mine")
+    events = set(run.glob("events.out.tfevents.*"))
+    cli_here("train", f"hydra.run.dir={tmp_path / 'elsewhere' / '..' / 'run'}", *FAST, "overwrite=true")
+    assert (run / "notes.txt").read_text() == "mine" and not (run / "samples.png").exists()  # the VAE's picture went
+    assert not events & set(run.glob("events.out.tfevents.*")) and (run / "results.json").is_file()
+    monkeypatch.chdir(run)
+    line = cli_error(capsys, "train", "hydra.run.dir=.", *FAST, "overwrite=true")
+    assert line == f"autoenc: error: overwrite=true would clear {run}, which holds the current directory; choose another hydra.run.dir="
+    assert (run / "notes.txt").is_file() and (run / "results.json").is_file()

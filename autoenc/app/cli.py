@@ -103,9 +103,12 @@ def _task(command: str):
 def _catch_stop_signals() -> dict:
     """Ctrl-C and SIGTERM outside training (SafetyNet has its own handlers while a model trains) stop the
     command with one line and exit code 128 + the signal's number; returns the handlers they replace."""
+    from autoenc.util.slurm import slurm_job
+
     if threading.current_thread() is not threading.main_thread():
         return {}
-    return {s: signal.signal(s, _stopped) for s in (signal.SIGINT, signal.SIGTERM)}
+    stops = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGUSR1,) if slurm_job() else ())
+    return {s: signal.signal(s, _stopped) for s in stops}
 
 
 def _stopped(signum, frame) -> None:
@@ -156,11 +159,14 @@ def _release() -> None:
 
 
 def _claim_job(cfg, command: str) -> None:
-    """A sweep's job takes its own directory as a single run does (its lock and its checks)."""
+    """A sweep's job takes its own directory as a single run does (its lock and its checks); its further
+    distributed ranks write into rank 0's."""
     from hydra.core.hydra_config import HydraConfig
 
-    from autoenc.training.rundir import claim
+    from autoenc.training.rundir import claim, further_rank
 
+    if further_rank():
+        return
     claim(Path(HydraConfig.get().runtime.output_dir), command=_command_line(command), ckpt_path=cfg.get("ckpt_path"),
           overwrite=bool(cfg.get("overwrite")), resume=bool(cfg.get("resume")), what="hydra.sweep.dir")
 
@@ -186,7 +192,12 @@ def _job_failed(error: Exception) -> float:
 
     from omegaconf import OmegaConf
 
+    from autoenc.training.rundir import Taken
+
     out = Path(HydraConfig.get().runtime.output_dir)
+    if isinstance(error, Taken):  # another run's directory: nothing is written into it
+        logging.getLogger("autoenc").error(f"job {HydraConfig.get().job.num} failed: {' '.join(str(error).split())}")
+        return float("nan")
     (out / ".hydra").mkdir(parents=True, exist_ok=True)
     OmegaConf.save(HydraConfig.get().overrides.task, out / ".hydra" / "overrides.yaml")  # for the summary
     message = " ".join(str(error).split())

@@ -72,12 +72,20 @@ class RunDirectory(Callback):
                       f"same overrides (these are `{' '.join(ours)}`); choose another hydra.sweep.dir= for a new sweep")
         found = _claim(out, config, resume=resume, default=not given, what="hydra.sweep.dir")
         found.keep(found.dir / "multirun.yaml")  # Hydra writes it before any job is checked
-        with read_write(config.hydra.sweep):
+        with read_write(config.hydra):
             config.hydra.sweep.dir = str(found.dir)
+            # each job's config is composed anew from these overrides: it must name the directory taken here
+            config.hydra.overrides.hydra.append(f"hydra.sweep.dir='{found.dir}'")
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        from autoenc.training.rundir import release_all
+        from autoenc.training.rundir import _CLAIMS, release_all, where
 
+        sweep = _CLAIMS.get(where(config.hydra.sweep.dir))
+        if sweep is not None and not sweep.accepted:  # jobs run by another process (a SLURM launcher) began
+            begun = [d for d in sweep.dir.glob("[0-9]*") if (d / ".hydra" / "config.yaml").is_file()
+                     and (d / ".hydra" / "config.yaml").stat().st_mtime >= sweep.since]
+            if begun:
+                sweep.accept()
         release_all()
 
 

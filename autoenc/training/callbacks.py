@@ -217,6 +217,8 @@ class SafetyNet(Callback):
         for signum, handler in self._handlers.items():
             signal.signal(signum, handler)
         self._handlers = {}
+        if self.stopping:  # a signal after the last step's check: stop here rather than run the test
+            self.stop(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -233,6 +235,8 @@ class SafetyNet(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         self.check(trainer)
+        if trainer.world_size > 1:  # every rank reaches this hook: they agree, or one would wait for the rest
+            self.stopping = trainer.strategy.reduce_boolean_decision(self.stopping, all=False)
         if self.stopping:
             self.stop(trainer)
 

@@ -13,20 +13,29 @@ from omegaconf import OmegaConf
 
 from autoenc.util.errors import UserError
 
-RUN_MARKS = ("results.json", "checkpoints", "multirun.yaml")  # what makes a directory hold a run (or a sweep)
+# What autoenc writes into a run or sweep directory: all that overwrite=true removes (a user's own files stay).
+WRITTEN = (".hydra", "checkpoints", "commands", "results.json", "evaluation.json", "hparams.yaml", "error.txt",
+           "multirun.yaml", "optimization_results.yaml", "mlflow.db", "mlflow-artifacts", "wandb", "csv", ".submitit",
+           "*.png", "*.log", "events.out.tfevents.*", "[0-9]*")
+
+
+def where(path) -> Path:
+    """An absolute path with `~` expanded and `..` collapsed, as Hydra names its output directory."""
+    return Path(os.path.abspath(os.path.expanduser(str(path))))
 
 
 def run_dir_of(ckpt) -> Path | None:
     """The run directory a checkpoint belongs to: the nearest folder above it that holds a run's .hydra/."""
-    path = Path(str(ckpt)).expanduser().absolute()
-    return next((d for d in path.parents if (d / ".hydra").is_dir()), None)
+    return next((d for d in where(ckpt).parents if (d / ".hydra").is_dir()), None)
 
 
 def held(out: Path) -> list[str]:
-    """What in `out` belongs to an earlier run: its results, checkpoints, or a sweep's multirun.yaml."""
+    """What in `out` belongs to an earlier run: its results, checkpoints, or a sweep's record."""
     return [name for name, there in (("results.json", (out / "results.json").is_file()),
                                      ("checkpoints", any((out / "checkpoints").glob("*.ckpt"))),
-                                     ("multirun.yaml", (out / "multirun.yaml").is_file())) if there]
+                                     ("multirun.yaml", (out / "multirun.yaml").is_file()),
+                                     ("optimization_results.yaml", (out / "optimization_results.yaml").is_file()))
+            if there]
 
 
 class Taken(UserError):
@@ -35,33 +44,40 @@ class Taken(UserError):
 
 @dataclass
 class Claim:
-    """A run directory taken by this process: its lock, the folders the claim created (removed again if the
-    run is refused before it starts), and whether the run replaces an earlier one (overwrite=true)."""
+    """A run directory taken by this process: its lock (an flock held open, which the system drops when the
+    process dies), the folders the claim created (removed again if the run is refused before it starts), and
+    whether the run replaces an earlier one (overwrite=true)."""
 
     dir: Path
     lock: Path
+    handle: object
     created: list[Path]
     replaces: bool = False
     accepted: bool = False
     saved: dict | None = None  # files that may be rewritten before the run is accepted: their bytes (None: absent)
+    since: float = 0.0  # when the claim was taken
 
     def keep(self, *files: Path) -> None:
         """Remembers `files` as they are, to be put back if the run is refused before it starts."""
         self.saved = {f: f.read_bytes() if f.is_file() else None for f in files}
 
-    def accept(self, spare: tuple = ()) -> None:
-        """The run starts: an earlier run that overwrite=true replaces is removed (all but the lock and `spare`)."""
+    def accept(self) -> None:
+        """The run starts: what autoenc wrote there for an earlier run that overwrite=true replaces is removed,
+        but for what this run (a sweep: its jobs) wrote since the claim."""
         self.accepted = True
         if self.replaces:
             self.replaces = False
-            for entry in self.dir.iterdir():
-                if entry != self.lock and entry not in spare:
+            for entry in {e for pattern in WRITTEN for e in self.dir.glob(pattern)}:
+                if entry != self.lock and entry.lstat().st_mtime < self.since:
                     shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
     def release(self) -> None:
-        """Drops the lock; a run refused before it started leaves none of the folders it created."""
-        self.lock.unlink(missing_ok=True)
-        _CLAIMS.pop(self.dir, None)
+        """Drops the lock (once); a run refused before it started leaves none of the folders it created."""
+        if _CLAIMS.get(self.dir) is not self:
+            return
+        del _CLAIMS[self.dir]
+        self.lock.unlink(missing_ok=True)  # while still holding it: nobody else can have taken it
+        self.handle.close()
         if not self.accepted:
             for f, content in (self.saved or {}).items():
                 f.unlink(missing_ok=True) if content is None else f.write_bytes(content)
@@ -79,12 +95,13 @@ def claim(out: Path, *, command: str, ckpt_path=None, overwrite: bool = False, r
           default: bool = False, what: str = "hydra.run.dir") -> Claim:
     """Takes the run directory `out` for this process. One that another live run is writing (its .lock) or
     that holds an earlier run is refused in one line, unless `ckpt_path` resumes that run, `resume` continues
-    it, or `overwrite` replaces it; a `default` (not user-given) name that is taken moves on to <name>_2, _3…"""
-    out = Path(out).expanduser().absolute()
+    it, or `overwrite` replaces it; a `default` (not user-given) name that is taken moves on to <name>_2, _3…
+    (overwrite=true never replaces a run under a name the user did not give)."""
+    out = where(out)
     for n in range(1, 1000 if default else 2):
         candidate = out if n == 1 else out.with_name(f"{out.name}_{n}")
         try:
-            return _take(candidate, command, ckpt_path, overwrite, resume, what)
+            return _take(candidate, command, ckpt_path, overwrite and not default, resume, what)
         except Taken:
             if not default:
                 raise
@@ -92,33 +109,43 @@ def claim(out: Path, *, command: str, ckpt_path=None, overwrite: bool = False, r
 
 
 def _take(out: Path, command, ckpt_path, overwrite, resume, what) -> Claim:
+    import fcntl
+    import time
+
     earlier = held(out)
+    sweep = "multirun.yaml" in earlier or "optimization_results.yaml" in earlier
     resuming = resume or bool(ckpt_path and run_dir_of(ckpt_path) == out)
     if earlier and not overwrite and not resuming:
-        hint = (f"resume it with ckpt_path={out / 'checkpoints' / 'last.ckpt'}" if "multirun.yaml" not in earlier
+        hint = (f"resume it with ckpt_path={out / 'checkpoints' / 'last.ckpt'}" if not sweep
                 else "continue it with resume=true and the same overrides")
-        raise Taken(f"{out} already holds a {'sweep' if 'multirun.yaml' in earlier else 'run'} "
-                    f"({' and '.join(earlier)}); {hint}, choose another {what}=, or add overwrite=true to replace it")
-    if earlier and overwrite and not resuming and not (out / ".hydra").is_dir() and "multirun.yaml" not in earlier:
-        raise UserError(f"{out} holds {' and '.join(earlier)} but is not a run directory (no .hydra/): overwrite=true "
-                        f"replaces only what autoenc wrote; choose another {what}=")
+        raise Taken(f"{out} already holds a {'sweep' if sweep else 'run'} ({' and '.join(earlier)}); {hint}, choose "
+                    f"another {what}=, or add overwrite=true to replace it")
+    if earlier and overwrite and not resuming and where(Path.cwd()).is_relative_to(out):
+        raise UserError(f"overwrite=true would clear {out}, which holds the current directory; choose another {what}=")
     created = [p for p in (out, *out.parents) if not p.exists()]
     lock = out / ".lock"
     try:
         out.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
+        for _ in range(100):
+            handle = open(lock, "a+")
             try:
-                with open(lock, "x") as f:  # exclusive: of two runs started together, one gets it
-                    f.write(f"{os.getpid()}\n{command}\n")
-                found = Claim(out, lock, created, replaces=bool(earlier) and overwrite and not resuming)
-                _CLAIMS[out] = found
-                return found
-            except FileExistsError:
-                pid, _, holder = lock.read_text().partition("\n")
-                if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
-                    raise Taken(f"{out} is being written by another run (process {pid}: autoenc {holder.strip()}); "
-                                f"wait for it, or choose another {what}=") from None
-                lock.unlink(missing_ok=True)  # left by a run that was killed (or by this process)
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                pid, _, holder = handle.read().partition("\n")
+                handle.close()
+                raise Taken(f"{out} is being written by another run (process {pid or '?'}: autoenc {holder.strip()}); "
+                            f"wait for it, or choose another {what}=") from None
+            if not lock.exists() or os.stat(lock).st_ino != os.fstat(handle.fileno()).st_ino:
+                handle.close()  # its holder removed it as we opened it: take the new one
+                continue
+            handle.truncate(0)
+            handle.write(f"{os.getpid()}\n{command}\n")
+            handle.flush()
+            found = Claim(out, lock, handle, created, replaces=bool(earlier) and overwrite and not resuming,
+                          since=time.time())
+            _CLAIMS[out] = found
+            return found
     except OSError as e:
         for d in created:
             try:
@@ -126,27 +153,18 @@ def _take(out: Path, command, ckpt_path, overwrite, resume, what) -> Claim:
             except OSError:
                 break
         raise UserError(f"cannot write the run directory {out} ({e.strerror}); choose another {what}=") from None
-    raise UserError(f"cannot take the run directory {out}: its .lock keeps reappearing; choose another {what}=")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    raise UserError(f"cannot take the run directory {out}: its .lock keeps changing; choose another {what}=")
 
 
 def further_rank() -> bool:
-    """A further DDP rank, which Lightning starts with rank 0's run directory: rank 0 holds and writes it."""
-    return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
+    """A further process of a distributed run (Lightning's, torchrun's or srun's ranks): rank 0 holds and
+    writes the run directory."""
+    return any(os.environ.get(k, "0") != "0" for k in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID"))
 
 
 def release(out: Path) -> None:
     """Releases this process's claim of `out`, if it has one."""
-    found = _CLAIMS.get(Path(out).expanduser().absolute())
+    found = _CLAIMS.get(where(out))
     if found is not None:
         found.release()
 
@@ -162,13 +180,14 @@ def begin(out: Path, cfg) -> None:
     first, then the config goes to .hydra/ (as Hydra writes it) and the held log lines to the log file."""
     from hydra.core.hydra_config import HydraConfig
 
-    out = Path(out).expanduser().absolute()
+    out = where(out)
     if not further_rank():  # rank 0 writes
         if out in _CLAIMS:
             _CLAIMS[out].accept()
         sweep = _CLAIMS.get(out.parent)  # a sweep starts with its first job: a replaced sweep goes then
         if sweep is not None and not sweep.accepted:
-            sweep.accept(spare=(out, out.parent / "multirun.yaml"))
+            sweep.accept()
+        (out / "error.txt").unlink(missing_ok=True)  # a job that failed before and now runs
         saved = out / ".hydra"
         saved.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, saved / "config.yaml")

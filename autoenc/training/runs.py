@@ -180,8 +180,13 @@ def make_trainer(cfg: DictConfig, *extra_callbacks):
         [cb for cb in made[first:] if cb not in ours]
     loggers = [instantiate(c) for c in cfg.logger.values() if c] if cfg.logger else False
     profiler = {} if cfg.trainer.get("profiler") else {"profiler": NoProfiler()}
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    plugins = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():  # SafetyNet saves at a step boundary and requeues: not Lightning's handler
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     return instantiate(cfg.trainer, callbacks=callbacks + list(extra_callbacks), logger=loggers,
-                       enable_model_summary=False, plugins=[AtomicCheckpointIO()], **profiler)
+                       enable_model_summary=False, plugins=plugins, **profiler)
 
 
 
