@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -157,7 +158,8 @@ def test_a_stop_signal_saves_at_the_step_and_the_resume_ends_as_the_uninterrupte
     name = signal.Signals(sig).name
     step = int(out.split(f"interrupted by {name} at step ")[1].split(";")[0])
     last = run / "checkpoints" / "last.ckpt"
-    assert f"saved {last}; resume with: autoenc train ckpt_path={last}" in out and "Traceback" not in out
+    said = f"saved {last}; resume with: {shlex.join(['autoenc', 'train', *RUN, *SLOW, f'ckpt_path={last}'])}"
+    assert said in out and "Traceback" not in out  # the run's own overrides: the resume is the same run
     assert torch.load(last, weights_only=True)["global_step"] == step and 0 < step < 82
     autoenc("train", *RUN, f"ckpt_path={last}", cwd=tmp_path)
     assert_same_run(run, uninterrupted)

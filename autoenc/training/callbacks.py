@@ -104,6 +104,16 @@ class ProgressBar(TQDMProgressBar):
             return True
         return False
 
+def resume_command(last) -> str:
+    """The command that resumes this run from `last`: `autoenc train`, the run's own overrides, ckpt_path=."""
+    import shlex
+
+    from hydra.core.hydra_config import HydraConfig
+
+    given = [o for o in HydraConfig.get().overrides.task if not o.startswith("ckpt_path=")] if HydraConfig.initialized() else []
+    return shlex.join(["autoenc", "train", *given, f"ckpt_path={last}"])
+
+
 class Pictures(Callback):
     """The run's pictures, to TensorBoard at each validation and as PNGs in the run directory: rows of
     input | noisy (with noise) | reconstruction for validation images; prior samples (stochastic
@@ -250,7 +260,7 @@ class SafetyNet(Callback):
 
         trainer.save_checkpoint(self.last, weights_only=False)
         name = signal.Signals(Interrupt.signal or signal.SIGINT).name
-        then = f"resume with: autoenc train ckpt_path={self.last}"
+        then = f"resume with: {resume_command(self.last)}"
         if Interrupt.signal == getattr(signal, "SIGUSR1", None) and slurm_job() and trainer.is_global_zero:
             then = requeue(slurm_job(), self.last) or then
         print(f"interrupted by {name} at step {trainer.global_step}; saved {self.last}; {then}", flush=True)
