@@ -77,12 +77,10 @@ def _task(command: str):
                 raise
             if _in_sweep():
                 return _job_failed(e)
-            _release()
-            fail(str(e))
+            fail(str(e))  # the run directory is released below: one that a refused run made goes
         except OSError as e:
             if e.errno != errno.ENOSPC or full_error():
                 raise
-            _release()
             fail(f"no space left on device writing {e.filename or 'the run directory'}; free some space or "
                   "point hydra.run.dir= at another disk")
         except KeyboardInterrupt:
@@ -121,7 +119,6 @@ def _interrupted(command: str) -> None:
     128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM), so that a scheduler sees an interrupted job."""
     signum = Interrupt.signal or signal.SIGINT
     if not Interrupt.reported:
-        _release()
         print(f"autoenc: interrupted: `autoenc {command}` stopped by {signal.Signals(signum).name} before it "
               "finished and wrote nothing more", file=sys.stderr, flush=True)
     sys.exit(128 + signum)

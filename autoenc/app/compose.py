@@ -38,8 +38,6 @@ def compose(command: str, overrides=(), hydra: bool = False) -> DictConfig:
 
 def run(cfg: DictConfig):
     """Runs a checked config: the function its `run` names, with the command's threads."""
-    if "run" not in cfg:
-        raise UserError("the command's YAML names no function; add `run: module:function` to it")
     set_threads(cfg.get("threads"))
     return function(cfg.run)(cfg)
 

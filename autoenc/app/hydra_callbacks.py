@@ -78,9 +78,9 @@ class RunDirectory(Callback):
             config.hydra.overrides.hydra.append(f"hydra.sweep.dir='{found.dir}'")
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        from autoenc.training.rundir import _CLAIMS, release_all, where
+        from autoenc.training.rundir import claimed, release_all
 
-        sweep = _CLAIMS.get(where(config.hydra.sweep.dir))
+        sweep = claimed(config.hydra.sweep.dir)
         if sweep is not None and not sweep.accepted:  # jobs run by another process (a SLURM launcher) began
             begun = [d for d in sweep.dir.glob("[0-9]*") if (d / ".hydra" / "config.yaml").is_file()
                      and (d / ".hydra" / "config.yaml").stat().st_mtime >= sweep.since]

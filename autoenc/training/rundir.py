@@ -162,9 +162,14 @@ def further_rank() -> bool:
     return any(os.environ.get(k, "0") != "0" for k in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID"))
 
 
+def claimed(out: Path) -> Claim | None:
+    """This process's claim of `out`, if it has one."""
+    return _CLAIMS.get(where(out))
+
+
 def release(out: Path) -> None:
     """Releases this process's claim of `out`, if it has one."""
-    found = _CLAIMS.get(where(out))
+    found = claimed(out)
     if found is not None:
         found.release()
 
