@@ -175,15 +175,16 @@ class Model:
 
         def columns(b):
             logits = ae.decode(ae.encode(b).code)
-            cols = [(ae.likelihood.mean(logits) - b).pow(2).flatten(1).mean(1), ae.likelihood.nll(logits, b)]
-            if ae.bottleneck.stochastic:
-                cols.append(-ae.log_likelihood(b, k, g, self.run.module.iwae_chunk))
-            return torch.stack(cols, 1)
+            cols = {"mse": (ae.likelihood.mean(logits) - b).pow(2).flatten(1).mean(1),
+                    "recon_nll": ae.likelihood.nll(logits, b),
+                    **ae.bottleneck.scores(ae, b, k, g, self.run.module.iwae_chunk)}
+            return torch.stack([cols[name] for name in names], 1)
 
+        extra = ae.bottleneck.score_names
+        names = ["mse", "recon_nll", *extra]
         table = self._map(columns, x, False)
-        names = ["mse", "recon_nll"] + (["nll_iwae"] if ae.bottleneck.stochastic else [])
         out = {name: table[:, i] for i, name in enumerate(names)}
-        out["score"] = out[names[-1] if ae.bottleneck.stochastic else "mse"]
+        out["score"] = out[extra[-1] if extra else "mse"]
         return {k_: v.numpy() for k_, v in out.items()} if numpy else out
 
     def interpolate(self, a, b, steps: int = 10, numpy: bool = False):

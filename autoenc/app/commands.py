@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from autoenc.model.bottlenecks import Stochastic
 from autoenc.app.api import Model, load
 from autoenc.util.errors import UserError, is_integer, require
 from autoenc.training.runs import write_json
@@ -194,7 +195,7 @@ def interpolate(cfg: DictConfig) -> Path:
     paths = model.interpolate(data.x[:pairs], data.x[pairs:2 * pairs], cfg.steps)
     path = save_png(picture([torch.cat([a[i:i + 1], paths[i], b[i:i + 1]]) for i in range(pairs)]),
                     out_path(cfg, model, f"interpolate_{data.source}_pairs{pairs}_steps{cfg.steps}.png"))
-    if model.autoencoder.bottleneck.stochastic:
+    if isinstance(model.autoencoder.bottleneck, Stochastic):
         d = model.latent_dim
         z0 = model.encode(data.x[:1])[0]
         z = z0.expand(d, cfg.steps, d).clone()  # row i sweeps dimension i around the first image's code

@@ -167,6 +167,52 @@ class Augment:
         return x
 
 
+class Binarization:
+    """How images become 0/1 samples (`data.binarize=null`: they do not): which splits are kept as one seeded
+    sample, what evaluation sees of a split, and what a training batch becomes."""
+
+    @classmethod
+    def named(cls, name: str | None) -> "Binarization":
+        """The binarization `data.binarize` names: null or one of the subclasses, by lower-case class name."""
+        kinds = {k.__name__.lower(): k for k in cls.__subclasses__()}
+        require(name is None or name in kinds, "data.binarize", name, f"null, {' or '.join(kinds)}")
+        return cls() if name is None else kinds[name]()
+
+    def stored(self, split: str, x: torch.Tensor, seed: int) -> torch.Tensor:
+        """A split as the data module keeps it."""
+        return x
+
+    def evaluated(self, split: str, x: torch.Tensor, seed: int) -> torch.Tensor:
+        """A kept split as evaluation should see it."""
+        return x
+
+    def training(self, x: torch.Tensor, generator: Callable[[], torch.Generator]) -> torch.Tensor:
+        """A training batch (in [0, 1]) as the model sees it; `generator()` gives this batch's stream."""
+        return x
+
+
+class Static(Binarization):
+    """One seeded Bernoulli sample of each image, kept for every split."""
+
+    def stored(self, split, x, seed):
+        return binarized(x, seed)
+
+
+class Dynamic(Binarization):
+    """A fresh Bernoulli sample of each training image every time it is seen; validation and test keep one
+    seeded sample so that their figures compare, and evaluation binarizes the training split once in the
+    same way, so that baselines fit on the kind of data they are scored on."""
+
+    def stored(self, split, x, seed):
+        return x if split == "train" else binarized(x, seed)
+
+    def evaluated(self, split, x, seed):
+        return binarized(x, seed) if split == "train" else x
+
+    def training(self, x, generator):
+        return torch.bernoulli(x, generator=generator())
+
+
 class TensorDataModule(pl.LightningDataModule):
     """Base data module: `load()` returns uint8/float image tensors (N, C, H, W) (or Rows) and labels;
     `workers` > 0 reads the batches of stored Rows in that many DataLoader processes."""
@@ -178,12 +224,12 @@ class TensorDataModule(pl.LightningDataModule):
         super().__init__()
         require(is_integer(batch_size) and batch_size >= 1, "data.batch_size", batch_size, "a positive integer")
         require(is_number(val_fraction) and 0 <= val_fraction < 1, "data.val_fraction", val_fraction, "a fraction in [0, 1)")
-        require(binarize in (None, "static", "dynamic"), "data.binarize", binarize, "null, static or dynamic")
+        self.binarize = Binarization.named(binarize)
         require(standardize in (True, False), "data.standardize", standardize, "true or false")
         if binarize and standardize:
             raise UserError("data.binarize and data.standardize exclude each other: binarization needs values in [0, 1]")
         self.root = Path(root).expanduser()
-        self.batch_size, self.val_fraction, self.binarize = batch_size, val_fraction, binarize
+        self.batch_size, self.val_fraction = batch_size, val_fraction
         self.split_seed, self.seed, self.on_device = split_seed, seed, on_device
         self.classes, self.standardize = (list(classes) if classes is not None else None), standardize
         self.augment, self.workers = augment if augment else None, workers
@@ -221,13 +267,7 @@ class TensorDataModule(pl.LightningDataModule):
         if self._splits is None:
             self._splits = {k: (x, y if y is not None else torch.full((len(x),), -1))
                             for k, (x, y) in self.load_splits().items()}
-            if self.binarize == "static":
-                self._splits = {k: (_binarize(x, self.split_seed), y) for k, (x, y) in self._splits.items()}
-            elif self.binarize == "dynamic":
-                # Evaluation uses one fixed binarization so that val/test figures are comparable.
-                for k in ("val", "test"):
-                    x, y = self._splits[k]
-                    self._splits[k] = (_binarize(x, self.split_seed), y)
+            self._splits = {k: (self.binarize.stored(k, x, self.split_seed), y) for k, (x, y) in self._splits.items()}
         return self._splits
 
     @property
@@ -265,10 +305,9 @@ class TensorDataModule(pl.LightningDataModule):
         self.stats = dict(state)
 
     def evaluation_split(self, split: str) -> tuple[object, torch.Tensor]:
-        """A split as evaluation should see it: with dynamic binarization the training split binarized once
-        (seeded), like val and test, so that baselines fit on the kind of data they are scored on."""
+        """A split as evaluation should see it (Binarization.evaluated)."""
         x, y = self.splits[split]
-        return (_binarize(x, self.split_seed) if self.binarize == "dynamic" and split == "train" else x), y
+        return self.binarize.evaluated(split, x, self.split_seed), y
 
     def value_range(self) -> tuple[float, float]:
         """The smallest and largest value the model sees, from the training split (uint8: [0, 1])."""
@@ -326,8 +365,7 @@ class TensorDataModule(pl.LightningDataModule):
                 if self._augmenter is None:
                     self._augmenter = Stream(self.seed, "augment", self.trainer.global_rank)
                 x = self.augment(x, self._augmenter.at(self.trainer.fit_loop.total_batch_idx, x.device))
-            if self.binarize == "dynamic":
-                x = torch.bernoulli(x, generator=self._binarizing(x.device))  # a fresh sample each time seen
+            x = self.binarize.training(x, lambda: self._binarizing(x.device))
         return x, y
 
     def _binarizing(self, device) -> torch.Generator:
@@ -349,7 +387,7 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
 
 
-def _binarize(x: torch.Tensor, seed: int) -> torch.Tensor:
+def binarized(x: torch.Tensor, seed: int) -> torch.Tensor:
     """One seeded Bernoulli sample of each image (stored as 0/1 floats)."""
     p = to_unit(x[:])  # drawn on the CPU: the same images whatever device the split is on
     return torch.bernoulli(p.cpu(), generator=torch.Generator().manual_seed(seed)).to(p.device)

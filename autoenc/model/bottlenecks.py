@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
@@ -11,12 +12,12 @@ import torch
 from torch import nn
 
 from autoenc.util.errors import UserError, is_integer, is_number, require
-from autoenc.model.penalties import global_batch_mean
+from autoenc.model.ranks import any_over_ranks, global_batch_mean
 
 
 @dataclass
 class Latent:
-    """A batch's code: `z` feeds the decoder (a sample when stochastic), `code` is the deterministic code."""
+    """A batch's code: `z` feeds the decoder (a sample where the bottleneck is Stochastic), `code` is the deterministic code."""
 
     z: torch.Tensor
     code: torch.Tensor
@@ -40,11 +41,14 @@ class Step:
 
 
 class Bottleneck(nn.Module):
-    """Turns the encoder's head h into the code: how wide the head is, the activation, the loss terms and
-    figures it brings, and the sampling protocol (prior samples and importance samples: only where
-    `stochastic`, a sampled code with a prior; elsewhere they refuse in one line)."""
+    """Turns the encoder's head h into the code, and says what the code brings with it. A subclass needs
+    nothing but its class: every hook below has a default (an identity code with no loss term). The hooks
+    it may override: `head_dim` (how wide h is), `setup` (state sized by the code), `activation` and its
+    `slope` (an elementwise code), `forward` (anything else, e.g. sampling), `fires_above`/`active` (when
+    a unit fires), `terms` (its loss term and figures), `split_figures`, `active_size` (the linear
+    baseline's size), `fixed` (batch statistics held for a Jacobian), `scores` (extra per-example scores).
+    A code sampled from a posterior with a prior is a `Stochastic` bottleneck."""
 
-    stochastic = False
     bounds = (-math.inf, math.inf)  # the values a code can take; penalties check what they need
 
     def __init__(self, threshold: float | None = None):
@@ -114,15 +118,30 @@ class Bottleneck(nn.Module):
         that a per-example Jacobian is that of the code function this step used."""
         yield
 
+    score_names: tuple[str, ...] = ()  # what `scores` returns
+
+    def scores(self, autoencoder, x: torch.Tensor, k: int, generator=None, chunk: int = 100) -> dict[str, torch.Tensor]:
+        """Per-example scores of x this code gives beyond the reconstruction's (none here)."""
+        return {}
+
+
+class Stochastic(Bottleneck, ABC):
+    """A code sampled from a posterior q(z|x) with a prior p(z): what prior samples, the importance-sampled
+    likelihood bound (IWAE) and its per-example score need. Subclasses give both samplers."""
+
+    @abstractmethod
     def prior_sample(self, n: int, generator=None, device=None) -> torch.Tensor:
         """n codes from the prior p(z)."""
-        raise UserError(f"bottleneck={self.name} has no prior to sample from; `sample` needs a model trained "
-                        "with bottleneck=gaussian (model=vae); try reconstruct or interpolate")
 
+    @abstractmethod
     def importance_samples(self, h: torch.Tensor, n: int, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
         """n draws z ~ q(z|x) per example, shape (n, B, d), and log p(z) − log q(z|x), shape (n, B)."""
-        raise UserError(f"bottleneck={self.name} has no posterior and prior, so no likelihood bound; "
-                        "log_likelihood and the IWAE figures need bottleneck=gaussian (model=vae)")
+
+    score_names = ("nll_iwae",)
+
+    def scores(self, autoencoder, x, k, generator=None, chunk=100):
+        """−log p(x) per example, the IWAE estimate with k importance samples."""
+        return {"nll_iwae": -autoencoder.log_likelihood(x, k, generator, chunk)}
 
 
 class Linear(Bottleneck):
@@ -242,7 +261,7 @@ class TopK(ReLU):
         dead ones as a code (None while no unit is dead)."""
         with torch.no_grad():
             fired = (latent.code > 0).any(0)
-            _any_over_ranks(fired)
+            any_over_ranks(fired)
             self.since_fired.add_(1).masked_fill_(fired, 0)
             dead = self.since_fired >= self.dead_window
         if not dead.any():
@@ -260,11 +279,10 @@ class TopK(ReLU):
         return torch.zeros_like(h).scatter(1, top.indices, torch.relu(top.values))
 
 
-class Gaussian(Bottleneck):
+class Gaussian(Stochastic):
     """q(z|x) = N(μ, diag σ²) from a head of twice the latent width; z = μ + σ·ε in every loss
     (reparameterization, Kingma & Welling 2014), μ as the deterministic code; adds β·KL(q ‖ N(0, I))."""
 
-    stochastic = True
 
     def __init__(self, beta: float = 1.0, warmup_epochs: float = 0.0):
         super().__init__(None)
@@ -312,16 +330,6 @@ class Gaussian(Bottleneck):
         eps = torch.randn(n, *mean.shape, generator=generator, device=h.device, dtype=h.dtype)
         z = mean + torch.exp(0.5 * logvar) * eps
         return z, log_normal(z, torch.zeros_like(z), torch.zeros_like(z)) - log_normal(z, mean, logvar)
-
-
-def _any_over_ranks(flags: torch.Tensor) -> None:
-    """In place: true where any DDP rank's flag is (all ranks then agree on which units are dead)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        as_int = flags.int()
-        dist.all_reduce(as_int, op=dist.ReduceOp.MAX)
-        flags.copy_(as_int.bool())
 
 
 def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from autoenc.model.bottlenecks import Bottleneck, Latent, Linear, Step
+from autoenc.model.bottlenecks import Bottleneck, Latent, Linear, Step, Stochastic
 from autoenc.util.errors import UserError, is_number, require
 from autoenc.model.likelihoods import Bernoulli
 from autoenc.model.penalties import Penalty, jacobian_sq
@@ -100,23 +100,32 @@ class Autoencoder(nn.Module):
             return jacobian_sq(lambda v: self.encode(v).code, self.encoder, self.bottleneck, x, code, method,
                                projections, generator)
 
-    # ---- what a stochastic bottleneck brings: prior samples and the IWAE bound -------------
+    # ---- what a Stochastic bottleneck brings: prior samples and the IWAE bound -------------
+    def stochastic(self, lacks: str, then: str = "") -> Stochastic:
+        """The bottleneck, where it has a prior and a posterior; else one line: what it `lacks` and what `then`."""
+        if not isinstance(self.bottleneck, Stochastic):
+            raise UserError(f"bottleneck={self.bottleneck.name} has {lacks}; it needs a bottleneck with a prior "
+                            f"and a posterior, such as bottleneck=gaussian (model=vae){then}")
+        return self.bottleneck
+
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """n examples decoded from prior samples z ~ p(z) (a bottleneck with a prior only)."""
+        """n examples decoded from prior samples z ~ p(z) (a Stochastic bottleneck only)."""
         device = next(self.parameters()).device
-        return self.likelihood.mean(self.decode(self.bottleneck.prior_sample(n, generator, device)))
+        prior = self.stochastic("no prior to sample from", "; try reconstruct or interpolate").prior_sample
+        return self.likelihood.mean(self.decode(prior(n, generator, device)))
 
     @torch.no_grad()
     def log_likelihood(self, x: torch.Tensor, k: int, generator: torch.Generator | None = None,
                        chunk: int = 100) -> torch.Tensor:
         """IWAE estimate of log p(x) per example with k importance samples (Burda et al. 2015, eq. 8),
         decoding `chunk` samples at a time."""
+        bottleneck = self.stochastic("no posterior and prior, so no likelihood bound (log_likelihood, IWAE)")
         h = self.encoder(x).float()  # float32 even under bf16 autocast
         parts = []
         for start in range(0, k, chunk):
             n = min(chunk, k - start)
-            z, log_w = self.bottleneck.importance_samples(h, n, generator)  # (n, B, d), log p(z) − log q(z|x)
+            z, log_w = bottleneck.importance_samples(h, n, generator)  # (n, B, d), log p(z) − log q(z|x)
             logits = self.decode(z.flatten(0, 1)).float()
             log_px = -self.likelihood.nll(logits, x.repeat(n, *[1] * (x.dim() - 1))).view(n, -1)
             parts.append(log_px + log_w)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from autoenc.model.bottlenecks import Stochastic
+from autoenc.model.ranks import global_batch_mean
 from autoenc.util.errors import UserError, is_integer, is_number, require
 
 
@@ -58,22 +60,10 @@ class KL(Penalty):
         self.rho = self.rate = rho
 
     def accepts(self, bottleneck):
-        return not bottleneck.stochastic and bottleneck.bounds[0] >= 0 and bottleneck.bounds[1] <= 1
+        return not isinstance(bottleneck, Stochastic) and bottleneck.bounds[0] >= 0 and bottleneck.bounds[1] <= 1
 
     def __call__(self, code, jacobian=None, generator=None):
         return self.weight * kl_sparsity(global_batch_mean(code), self.rho), {}
-
-
-def global_batch_mean(code: torch.Tensor) -> torch.Tensor:
-    """Each unit's mean over the global batch: under DDP the sum over every rank's equal shard, by a
-    differentiable all-reduce, so that the rate ρ̂ and its gradient are those of one process."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return code.mean(0)
-    from torch.distributed.nn.functional import all_reduce
-
-    return all_reduce(code.sum(0)) / (len(code) * dist.get_world_size())
 
 
 def kl_sparsity(rho_hat: torch.Tensor, rho: float) -> torch.Tensor:
@@ -95,7 +85,7 @@ class Contractive(Penalty):
         self.method, self.projections = method, projections
 
     def accepts(self, bottleneck):
-        return not bottleneck.stochastic
+        return not isinstance(bottleneck, Stochastic)
 
     def __call__(self, code, jacobian=None, generator=None):
         sq = jacobian(self.method, self.projections, generator)

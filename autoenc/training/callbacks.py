@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 from lightning.pytorch.profilers import PassThroughProfiler
 from torchvision.utils import make_grid
 
+from autoenc.model.bottlenecks import Stochastic
 from autoenc.util.errors import Interrupt, UserError
 from autoenc.util.slurm import requeue, slurm_job
 from autoenc.util.pictures import decoder_features, fixed_examples, image_loggers, picture, publish, square
@@ -116,7 +117,7 @@ def resume_command(last) -> str:
 
 class Pictures(Callback):
     """The run's pictures, to TensorBoard at each validation and as PNGs in the run directory: rows of
-    input | noisy (with noise) | reconstruction for validation images; prior samples (stochastic
+    input | noisy (with noise) | reconstruction for validation images; prior samples (Stochastic
     bottleneck); the units' activation frequencies and the decoder's features (codes with active
     units); the decoded latent manifold and a scatter of test codes (2-D latent). Images only: vector
     data gets the histogram and scatter. One callback, so that Lightning dispatches its per-step hooks
@@ -140,7 +141,7 @@ class Pictures(Callback):
                 rows, labels = rows + [x_tilde], labels + ["noisy"]
             rows, labels = rows + [ae.reconstruct(x_tilde)], labels + ["denoised" if ae.noise is not None else "reconstruction"]
             publish(trainer, "val/reconstructions", picture(rows, labels), self.dir / "reconstructions.png")
-        if self.samples and ae.bottleneck.stochastic:
+        if self.samples and isinstance(ae.bottleneck, Stochastic):
             x = ae.sample(self.samples, generator=torch.Generator(device=pl_module.device).manual_seed(self.seed))
             publish(trainer, "val/samples", picture(square(x)), self.dir / "samples.png")
         if self.manifold and ae.latent_dim == 2:

@@ -133,11 +133,12 @@ class AutoencoderModule(pl.LightningModule):
 
     def test_step(self, batch, batch_idx):
         self._shared_step(batch, "test")
-        if self.autoencoder.bottleneck.stochastic and self.iwae_samples:
+        if self.iwae_samples:
             x = batch[0]  # the clean x: with noise= any q(z|x) is still a valid proposal
             g = self.generator("test", "iwae", x.device)
-            nll = -self.autoencoder.log_likelihood(x, self.iwae_samples, g, self.iwae_chunk).mean()
-            self.log("test/nll_iwae", nll, batch_size=len(x), sync_dist=True)
+            ae = self.autoencoder
+            for name, score in ae.bottleneck.scores(ae, x, self.iwae_samples, g, self.iwae_chunk).items():
+                self.log(f"test/{name}", score.mean(), batch_size=len(x), sync_dist=True)
 
     def _end_epoch(self, stage: str) -> None:
         if self.trainer.sanity_checking:

@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("autoenc")
 
+from autoenc.model.bottlenecks import Stochastic
 from autoenc.training.callbacks import StoredConfig
 from autoenc.util.errors import UserError
 from autoenc.util.paths import PIPELINE
@@ -63,7 +64,7 @@ def where_things_are(out: Path, autoencoder, best: str) -> str:
     """The run's closing lines: where its pictures, checkpoints and logs are, and the commands that use it."""
     pictures = sorted(p.name for p in out.glob("*.png"))
     images = len(autoencoder.shape) == 3
-    use = ["evaluate", "reconstruct" if images else "encode"] + (["sample"] if autoencoder.bottleneck.stochastic else [])
+    use = ["evaluate", "reconstruct" if images else "encode"] + (["sample"] if isinstance(autoencoder.bottleneck, Stochastic) else [])
     return "\n".join([
         f"run directory: {out}",
         f"  pictures:    {', '.join(pictures) if pictures else 'none (vector data)'}",
