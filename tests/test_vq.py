@@ -246,3 +246,45 @@ def test_an_autoencoder_with_vq_trains():
         losses.append(out.loss.item())
     assert {"commitment", "perplexity", "codes_used", "dead_codes"} <= set(out.terms)
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+
+
+
+def _ddp_run(batches, rank=None, **kwargs) -> dict:
+    """A VQ's state after a training step on each batch (rank r's shard under DDP, else the whole batch)."""
+    torch.manual_seed(0)  # the same starting codebook everywhere
+    b = vq(3, codes=8, **kwargs).train()
+    for h in batches:
+        h = h.flatten(0, 1) if rank is None else h[rank]
+        b.terms(b(h, torch.Generator().manual_seed(rank or 0)), STEP)
+    return b.state_dict()
+
+
+def _ddp_batches(shift: float) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(10)
+    return [torch.randn(2, 16, 3, generator=g) + shift * torch.tensor([0.0, 1.0])[:, None, None] for _ in range(4)]
+
+
+def _ddp_rank(rank: int, world: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        torch.save({"ema": _ddp_run(_ddp_batches(0.0), rank, kmeans_batches=0, revive=False),
+                    "init": _ddp_run(_ddp_batches(5.0), rank, dead_after=2)}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_agree(tmp_path):
+    """Two ranks with different shards (rank 1's shifted) and their own draws end with the same k-means
+    codebook, EMA state and revivals; and the EMA on shards is the one-process EMA on the whole batch."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_rank, args=(2, str(tmp_path / "store"), str(tmp_path / "state")), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"state.{r}") for r in (0, 1))
+    for case in ("ema", "init"):
+        assert all(torch.equal(r0[case][k], r1[case][k]) for k in r0[case]), case
+    alone = _ddp_run(_ddp_batches(0.0), kmeans_batches=0, revive=False)
+    for k in ("codebook", "cluster_size", "embed_sum", "since_used"):
+        torch.testing.assert_close(r0["ema"][k], alone[k])
