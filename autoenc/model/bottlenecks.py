@@ -24,6 +24,7 @@ class Latent:
     h: torch.Tensor  # the encoder's head before the bottleneck
     mean: torch.Tensor | None = None
     logvar: torch.Tensor | None = None
+    indices: torch.Tensor | None = None  # a quantized code's codebook entries (bottleneck=vq)
 
 
 @dataclass
