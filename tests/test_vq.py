@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from autoenc.model.bottlenecks import Step
+from autoenc.model.bottlenecks import Stochastic
 from autoenc.model.quantize import VQ
 from autoenc.util.errors import UserError
 
@@ -219,12 +220,16 @@ def test_settings_are_checked(key, value):
 
 
 def test_refusals_and_sizes():
+    from autoenc.model.backbones import mlp
+    from autoenc.model.core import Autoencoder
+
     b = vq(5, codes=4)
-    assert b.active_size(5) == 5 and b.head_dim(5) == 5 and not b.stochastic
-    with pytest.raises(UserError, match="^bottleneck=vq has no prior over its codes: sample needs model=vae"):
-        b.prior_sample(3)
-    with pytest.raises(UserError, match="^bottleneck=vq has no posterior"):
-        b.importance_samples(torch.zeros(2, 5), 3)
+    assert b.active_size(5) == 5 and b.head_dim(5) == 5 and not isinstance(b, Stochastic)
+    model = Autoencoder(partial(mlp, hidden=(8,)), (1, 4, 4), 5, VQ(codes=4))
+    with pytest.raises(UserError, match="^bottleneck=vq has no prior to sample from; .*model=vae"):
+        model.sample(3)
+    with pytest.raises(UserError, match="^bottleneck=vq has no posterior and prior"):
+        model.log_likelihood(torch.zeros(2, 1, 4, 4), 3)
 
 
 def test_an_autoencoder_with_vq_trains():

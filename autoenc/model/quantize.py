@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoenc.model.bottlenecks import Bottleneck, Latent, Step
-from autoenc.util.errors import UserError, is_integer, is_number, require
+from autoenc.model.ranks import from_rank0, sum_over_ranks, world_size
+from autoenc.util.errors import is_integer, is_number, require
 
 
 class VQ(Bottleneck):
@@ -120,10 +121,10 @@ class VQ(Bottleneck):
         if self.ema:
             sums = torch.zeros(self.codes, rows.shape[1], device=rows.device).index_add_(0, indices, rows)
             both = torch.cat([counts[:, None], sums], 1)
-            _sum_over_ranks(both)
+            sum_over_ranks(both)
             counts, sums = both[:, 0], both[:, 1:]
         else:
-            _sum_over_ranks(counts)
+            sum_over_ranks(counts)
         self.since_used.add_(1).masked_fill_(counts > 0, 0)
         dead = self.since_used >= self.dead_after
         if self.ema:
@@ -145,7 +146,7 @@ class VQ(Bottleneck):
         pick = (torch.randperm(len(rows), generator=g, device=device)[:n] if len(rows) >= n
                 else torch.randint(len(rows), (n,), generator=g, device=device))
         fresh = rows[pick.to(rows.device)].contiguous()
-        _from_rank0(fresh)
+        from_rank0(fresh)
         # .data: without EMA the codebook is a parameter this step's graph has used (its gradient then
         # lands on the revived row, which the next step's codebook loss corrects)
         self.codebook.data[dead] = fresh.to(self.codebook.dtype)
@@ -163,9 +164,9 @@ class VQ(Bottleneck):
         data = torch.cat(self._pool)
         warm = self.codebook.detach().float() if len(self._pool) > 1 else None
         centres, counts = kmeans(data, self.codes, self.kmeans_iters, generator, warm)
-        counts = counts * (_world_size() / len(self._pool))  # the global batch's scale, as the EMA's N_i
-        _from_rank0(centres)
-        _from_rank0(counts)
+        counts = counts * (world_size() / len(self._pool))  # the global batch's scale, as the EMA's N_i
+        from_rank0(centres)
+        from_rank0(counts)
         self.codebook.data.copy_(centres)
         if self.ema:
             self.cluster_size.copy_(counts.clamp_min(1))
@@ -173,10 +174,6 @@ class VQ(Bottleneck):
         if len(self._pool) >= self.kmeans_batches:
             self.initialised.fill_(True)
             self._pool = []
-
-    def prior_sample(self, n, generator=None, device=None):
-        raise UserError("bottleneck=vq has no prior over its codes: sample needs model=vae "
-                        "(bottleneck=gaussian); try reconstruct or interpolate")
 
 
 def _rows(h: torch.Tensor) -> torch.Tensor:
@@ -229,31 +226,3 @@ def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator | Non
         sums = torch.zeros_like(centres).index_add_(0, assign, x)
         centres = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centres)
     return centres, torch.bincount(_nearest(x, centres), minlength=k).to(x.dtype)
-
-
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if _distributed() else 1
-
-
-def _sum_over_ranks(t: torch.Tensor) -> None:
-    """In place: the sum over DDP ranks (unchanged in one process)."""
-    if _distributed():
-        import torch.distributed as dist
-
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-
-
-def _from_rank0(t: torch.Tensor) -> None:
-    """In place: rank 0's value on every DDP rank (unchanged in one process)."""
-    if _distributed():
-        import torch.distributed as dist
-
-        dist.broadcast(t, src=0)

@@ -11,6 +11,10 @@ def distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def world_size() -> int:
+    return dist.get_world_size() if distributed() else 1
+
+
 def global_batch_mean(code: torch.Tensor) -> torch.Tensor:
     """Each unit's mean over the global batch: under DDP the sum over every rank's equal shard, by a
     differentiable all-reduce, so that the rate ρ̂ and its gradient are those of one process."""
@@ -27,3 +31,15 @@ def any_over_ranks(flags: torch.Tensor) -> None:
         as_int = flags.int()
         dist.all_reduce(as_int, op=dist.ReduceOp.MAX)
         flags.copy_(as_int.bool())
+
+
+def sum_over_ranks(t: torch.Tensor) -> None:
+    """In place: the sum over DDP ranks (unchanged in one process)."""
+    if distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def from_rank0(t: torch.Tensor) -> None:
+    """In place: rank 0's value on every DDP rank (unchanged in one process)."""
+    if distributed():
+        dist.broadcast(t, src=0)
