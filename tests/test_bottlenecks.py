@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.autograd.functional import jacobian
 from torch.distributions import Normal, kl_divergence
 
-from autoenc.model.bottlenecks import Step, Gaussian, Linear, ReLU, Sigmoid, Stochastic, TopK, gaussian_kl
+from autoenc.model.bottlenecks import Latent, Step, Gaussian, Linear, ReLU, Sigmoid, Stochastic, TopK, gaussian_kl
 
 H = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
 DETERMINISTIC = [Linear(), ReLU(), Sigmoid(), TopK(k=3, standardize=0.0)]
@@ -112,7 +112,7 @@ def split_figures_of(bottleneck, code: torch.Tensor) -> dict:
     from autoenc.model.metrics import SplitStatistics
 
     stats = SplitStatistics()
-    stats.update(code, bottleneck.active(code), torch.zeros(len(code), 1), torch.zeros(len(code), 1))
+    stats.update(code, bottleneck.tally(Latent(code, code, code)), torch.zeros(len(code), 1), torch.zeros(len(code), 1))
     return stats.figures(bottleneck)
 
 
@@ -150,7 +150,7 @@ def test_a_linear_code_has_no_dead_units_and_a_gaussian_reports_active_units():
 
     stats = SplitStatistics()
     mean = torch.stack([torch.linspace(-1, 1, 40), torch.zeros(40), 0.01 * torch.randn(40)], 1)
-    stats.update(mean, None, torch.zeros(40, 1), torch.zeros(40, 1))
+    stats.update(mean, {}, torch.zeros(40, 1), torch.zeros(40, 1))
     assert stats.figures(g)["active_units"].item() == 1.0
 
 

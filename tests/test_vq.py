@@ -112,8 +112,8 @@ def test_ema_update_by_hand(spatial):
     n0, n1 = 1.6 / 2.7 * 2.5, 1.1 / 2.7 * 2.5
     torch.testing.assert_close(b.codebook, torch.tensor([[0.5 / n0, 0.5 / n0], [4.5 / n1, 4.0 / n1]]))
     p = [2 / 3, 1 / 3]
-    assert figures["perplexity"].item() == pytest.approx(math.exp(-sum(q * math.log(q) for q in p)))
-    assert figures["codes_used"].item() == 1.0 and figures["dead_codes"].item() == 0.0
+    assert figures["batch_perplexity"].item() == pytest.approx(math.exp(-sum(q * math.log(q) for q in p)))
+    assert figures["batch_codes_used"].item() == 1.0 and figures["dead_codes"].item() == 0.0
 
 
 def test_no_update_outside_training():
@@ -249,7 +249,7 @@ def test_an_autoencoder_with_vq_trains():
         out.loss.backward()
         opt.step()
         losses.append(out.loss.item())
-    assert {"commitment", "perplexity", "codes_used", "dead_codes"} <= set(out.terms)
+    assert {"commitment", "batch_perplexity", "batch_codes_used", "dead_codes"} <= set(out.terms)
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
 
 

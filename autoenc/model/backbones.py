@@ -66,6 +66,25 @@ def _channels_last(module, args):
     return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
 
 
+LATENTS = ("flat", "grid")
+
+
+def _latent(latent: str, prev: int, grid: tuple[int, int], head_dim: int, latent_dim: int, activation: str):
+    """The encoder's last layers and the decoder's first: `flat`, a Linear head from the flattened feature
+    map (one code vector per example); `grid`, a 1×1 convolution to head_dim channels at each position of
+    the map (a code vector per position, as VQ-VAE and latent-diffusion autoencoders have), mirrored."""
+    if latent not in LATENTS:
+        from autoenc.util.errors import UserError
+
+        raise UserError(f"net.latent={latent} is invalid; choose flat (one code per example) or grid (a code "
+                        "per position of the last feature map)")
+    if latent == "grid":
+        return [nn.Conv2d(prev, head_dim, 1)], [nn.Conv2d(latent_dim, prev, 1), _act(activation)]
+    flat = prev * grid[0] * grid[1]
+    return ([nn.Flatten(), nn.Linear(flat, head_dim)],
+            [nn.Linear(latent_dim, flat), _act(activation), nn.Unflatten(1, (prev, *grid))])
+
+
 def _finish(enc: list, dec: list, at: int, channels_last: bool) -> tuple[nn.Module, nn.Module]:
     """The two Sequentials; with channels_last, their weights and the inputs of the encoder and of the
     decoder's layer `at` are channels-last (hooks: the parameter names, and so checkpoints, stay the same)."""
@@ -79,19 +98,19 @@ def _finish(enc: list, dec: list, at: int, channels_last: bool) -> tuple[nn.Modu
 
 def conv(shape: Sequence[int], latent_dim: int, head_dim: int | None = None, channels: Sequence[int] = (32, 64),
          activation: str = "ReLU", norm: str | None = None, groups: int = 32,
-         channels_last: bool = False) -> tuple[nn.Module, nn.Module]:
+         channels_last: bool = False, latent: str = "flat") -> tuple[nn.Module, nn.Module]:
     """One stride-2 3×3 convolution per entry of `channels` (each halves H, W, rounding up), each followed by
     `norm` (a torch.nn class name: BatchNorm2d, GroupNorm, …) if set and the activation, to a head of
-    head_dim (default latent_dim) units; the decoder mirrors it with transposed convolutions."""
+    head_dim (default latent_dim) units, flat or at each position (`latent`); the decoder mirrors it with
+    transposed convolutions."""
     c, h, w = _images(shape, "conv")
     sizes = _halvings(h, w, len(channels))
-    flat = channels[-1] * sizes[-1][0] * sizes[-1][1]
     enc, prev = [], c
     for ch in channels:
         enc += [nn.Conv2d(prev, ch, 3, stride=2, padding=1, bias=not norm), *_norm(norm, ch, groups), _act(activation)]
         prev = ch
-    enc += [nn.Flatten(), nn.Linear(flat, head_dim or latent_dim)]
-    dec = [nn.Linear(latent_dim, flat), _act(activation), nn.Unflatten(1, (channels[-1], *sizes[-1]))]
+    head, dec = _latent(latent, prev, sizes[-1], head_dim or latent_dim, latent_dim, activation)
+    enc += head
     outs = [*reversed(channels[:-1]), c]
     for i, ch in enumerate(outs):
         (th, tw), (sh, sw) = sizes[-2 - i], sizes[-1 - i]
@@ -102,7 +121,7 @@ def conv(shape: Sequence[int], latent_dim: int, head_dim: int | None = None, cha
         if not last:
             dec += [*_norm(norm, ch, groups), _act(activation)]
         prev = ch
-    return _finish(enc, dec, 3, channels_last)
+    return _finish(enc, dec, len(head) + 1, channels_last)
 
 
 class Block(nn.Module):
@@ -124,9 +143,10 @@ class Block(nn.Module):
 
 def resnet(shape: Sequence[int], latent_dim: int, head_dim: int | None = None,
            widths: Sequence[int] = (32, 64, 128, 256), blocks: int | Sequence[int] = 1, norm: str | None = "BatchNorm2d",
-           groups: int = 32, activation: str = "ReLU", channels_last: bool = False) -> tuple[nn.Module, nn.Module]:
+           groups: int = 32, activation: str = "ReLU", channels_last: bool = False,
+           latent: str = "flat") -> tuple[nn.Module, nn.Module]:
     """A residual encoder: a 3×3 stem, then one stage per entry of `widths`, each `blocks` residual blocks
-    (the first of stride 2), flattened to a head of head_dim units. The decoder mirrors it: each stage
+    (the first of stride 2), to a head of head_dim units, flat or at each position (`latent`). The decoder mirrors it: each stage
     upsamples (nearest) to the encoder's size there, then its residual blocks; a 3×3 convolution gives the
     logits. Any H, W (odd, non-square): the sizes are the encoder's own."""
     c, h, w = _images(shape, "resnet")
@@ -141,16 +161,15 @@ def resnet(shape: Sequence[int], latent_dim: int, head_dim: int | None = None,
         enc += [Block(prev, width, 2, norm, groups, activation)] + [Block(width, width, 1, norm, groups, activation)
                                                                      for _ in range(n - 1)]
         prev = width
-    flat = prev * sizes[-1][0] * sizes[-1][1]
-    enc += [nn.Flatten(), nn.Linear(flat, head_dim or latent_dim)]
-    dec = [nn.Linear(latent_dim, flat), _act(activation), nn.Unflatten(1, (prev, *sizes[-1]))]
+    head, dec = _latent(latent, prev, sizes[-1], head_dim or latent_dim, latent_dim, activation)
+    enc += head
     for i in reversed(range(len(widths))):
         out = widths[max(i - 1, 0)]
         dec += [nn.Upsample(size=sizes[i], mode="nearest"), Block(prev, out, 1, norm, groups, activation)]
         dec += [Block(out, out, 1, norm, groups, activation) for _ in range(blocks[i] - 1)]
         prev = out
     dec.append(nn.Conv2d(prev, c, 3, 1, 1))
-    return _finish(enc, dec, 3, channels_last)
+    return _finish(enc, dec, len(head) + 1, channels_last)
 
 
 class UnitColumns(nn.Module):

@@ -51,6 +51,7 @@ class Bottleneck(nn.Module):
     A code sampled from a posterior with a prior is a `Stochastic` bottleneck."""
 
     bounds = (-math.inf, math.inf)  # the values a code can take; penalties check what they need
+    per_position = False  # whether it can act on a code vector at each position of a grid (net.latent=grid)
 
     def __init__(self, threshold: float | None = None):
         super().__init__()
@@ -70,15 +71,15 @@ class Bottleneck(nn.Module):
         """How wide the encoder's head must be for a code of latent_dim units."""
         return latent_dim
 
-    def setup(self, latent_dim: int) -> None:
-        """Called once the latent size is known (state that depends on it)."""
+    def setup(self, latent_dim: int, grid: tuple[int, ...] = ()) -> None:
+        """Called once the code's size is known: latent_dim values (at each position of `grid`, () when flat)."""
 
     def activation(self, h: torch.Tensor) -> torch.Tensor:
         return h
 
-    def active_size(self, latent_dim: int) -> int:
-        """How many values of a code can be non-zero: the size of the linear baseline (PCA) to compare with."""
-        return latent_dim
+    def active_size(self, size: int) -> int:
+        """How many of a code's `size` values can be non-zero: the size of the linear baseline (PCA) to compare with."""
+        return size
 
     def slope(self, code: torch.Tensor) -> torch.Tensor:
         """∂code_j/∂h_j as a function of the code (the diagonal of an elementwise activation's Jacobian)."""
@@ -97,7 +98,13 @@ class Bottleneck(nn.Module):
         """The (weighted) term this bottleneck adds to the loss (None: none), and its named parts and
         figures (per-example means)."""
         active = self.active(latent.code)
-        return None, {} if active is None else {"l0": active.sum(1).float().mean()}
+        return None, {} if active is None else {"l0": active.flatten(1).sum(1).float().mean()}
+
+    def tally(self, latent: Latent) -> dict[str, torch.Tensor]:
+        """Sums over a batch that `split_figures` needs beyond the code's own (n, sum, sq): how often each
+        unit fires."""
+        active = self.active(latent.code)
+        return {} if active is None else {"active": active.float().sum(0)}
 
     def split_figures(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Figures over a whole split from summed code statistics (n, sum, sq, active): a unit is dead when it
@@ -147,6 +154,8 @@ class Stochastic(Bottleneck, ABC):
 
 class Linear(Bottleneck):
     """z = h: an unconstrained code (the undercomplete autoencoder's)."""
+
+    per_position = True
 
 
 class ReLU(Bottleneck):
@@ -204,7 +213,7 @@ class TopK(ReLU):
         self.k, self.aux_k, self.aux_coef, self.dead_window = k, aux_k, aux_coef, dead_window
         self.standardize, self.held = standardize, None
 
-    def setup(self, latent_dim):
+    def setup(self, latent_dim, grid=()):
         require(self.k <= latent_dim, "bottleneck.k", self.k, "an integer from 1 to model.latent_dim")
         # steps since each unit last fired in training (a buffer: checkpoints keep it, resume is exact)
         self.register_buffer("since_fired", torch.zeros(latent_dim, dtype=torch.long))
@@ -272,7 +281,7 @@ class TopK(ReLU):
         # no ReLU here: a unit pushed far below zero still gets the gradient that brings it back
         return torch.zeros_like(latent.h).scatter(1, top.indices, top.values)
 
-    def active_size(self, latent_dim):
+    def active_size(self, size):
         return self.k
 
     def activation(self, h):
@@ -285,18 +294,20 @@ class Gaussian(Stochastic):
     (reparameterization, Kingma & Welling 2014), μ as the deterministic code; adds β·KL(q ‖ N(0, I))."""
 
 
+    per_position = True
+
     def __init__(self, beta: float = 1.0, warmup_epochs: float = 0.0):
         super().__init__(None)
         require(is_number(beta) and beta >= 0, "bottleneck.beta", beta, "a number ≥ 0")
         require(is_number(warmup_epochs) and warmup_epochs >= 0, "bottleneck.warmup_epochs", warmup_epochs, "a number ≥ 0")
         self.beta, self.warmup_epochs = beta, warmup_epochs
-        self.latent_dim = 0
+        self.code_shape: tuple[int, ...] = ()
 
     def head_dim(self, latent_dim):
         return 2 * latent_dim
 
-    def setup(self, latent_dim):
-        self.latent_dim = latent_dim
+    def setup(self, latent_dim, grid=()):
+        self.code_shape = (latent_dim, *grid)
 
     def forward(self, h, generator=None):
         mean, logvar = h.chunk(2, dim=1)
@@ -324,20 +335,22 @@ class Gaussian(Stochastic):
         return {"active_units": (var > 0.01).sum().float()}
 
     def prior_sample(self, n, generator=None, device=None):
-        return torch.randn(n, self.latent_dim, generator=generator, device=device)
+        return torch.randn(n, *self.code_shape, generator=generator, device=device)
 
     def importance_samples(self, h, n, generator=None):
         mean, logvar = h.chunk(2, dim=1)
         eps = torch.randn(n, *mean.shape, generator=generator, device=h.device, dtype=h.dtype)
         z = mean + torch.exp(0.5 * logvar) * eps
-        return z, log_normal(z, torch.zeros_like(z), torch.zeros_like(z)) - log_normal(z, mean, logvar)
+        log_w = log_normal(z, torch.zeros_like(z), torch.zeros_like(z)) - log_normal(z, mean, logvar)
+        return z, log_w.flatten(2).sum(-1)
 
 
 def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(μ, σ²) ‖ N(0, I)) per example = ½ Σ (μ² + σ² − log σ² − 1) (Kingma & Welling 2014, app. B)."""
-    return 0.5 * (mean.pow(2) + logvar.exp() - logvar - 1).sum(1)
+    """KL(N(μ, σ²) ‖ N(0, I)) per example = ½ Σ (μ² + σ² − log σ² − 1) (Kingma & Welling 2014, app. B), summed
+    over the whole code (every position of a grid)."""
+    return 0.5 * (mean.pow(2) + logvar.exp() - logvar - 1).flatten(1).sum(1)
 
 
 def log_normal(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """log N(z; μ, diag σ²), summed over the last dimension."""
-    return -0.5 * ((z - mean).pow(2) / logvar.exp() + logvar + math.log(2 * math.pi)).sum(-1)
+    """log N(z; μ, σ²) of each value."""
+    return -0.5 * ((z - mean).pow(2) / logvar.exp() + logvar + math.log(2 * math.pi))

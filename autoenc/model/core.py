@@ -41,15 +41,35 @@ class Autoencoder(nn.Module):
         self.weight_penalty = weight_penalty
         self.shape, self.latent_dim = tuple(shape), latent_dim
         self.bottleneck = bottleneck if bottleneck is not None else Linear()
-        self.bottleneck.setup(latent_dim)
         self.likelihood = likelihood if likelihood is not None else Bernoulli()
         self.encoder, self.decoder = net(shape=self.shape, latent_dim=latent_dim,
                                          head_dim=self.bottleneck.head_dim(latent_dim))
+        self.grid = self._grid()
         self.noise, self.penalty = noise, penalty or Penalty()
+        if self.grid and not (self.bottleneck.per_position and self.penalty.per_position):
+            flat = f"bottleneck={self.bottleneck.name}" if not self.bottleneck.per_position else f"penalty={self.penalty.name}"
+            raise UserError(f"{flat} needs one flat code per example, but net.latent=grid gives a "
+                            f"{'×'.join(map(str, self.grid))} grid of codes; use net.latent=flat, or bottleneck=linear, "
+                            "gaussian or vq without a penalty")
+        self.bottleneck.setup(latent_dim, self.grid)
         if not self.penalty.accepts(self.bottleneck):
             raise UserError(f"penalty={self.penalty.name} needs {self.penalty.needs}, which "
                             f"bottleneck={self.bottleneck.name} does not give")
         self.bottleneck.rate = self.penalty.rate
+
+    def _grid(self) -> tuple[int, ...]:
+        """The positions of the encoder's code (H, W) when it is a feature map, () when it is one vector: from
+        one pass of an empty example (in eval mode, so no norm's statistics move)."""
+        training = self.encoder.training
+        with torch.no_grad():
+            h = self.encoder.eval()(torch.zeros(1, *self.shape))
+        self.encoder.train(training)
+        return tuple(h.shape[2:])
+
+    @property
+    def code_shape(self) -> tuple[int, ...]:
+        """One example's code: (latent_dim,) or (latent_dim, H, W) on a grid."""
+        return (self.latent_dim, *self.grid)
 
     def corrupt(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """The encoder's input x̃: x with this model's noise (x itself without one)."""

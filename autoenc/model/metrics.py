@@ -26,12 +26,12 @@ class SplitStatistics:
     def reset(self) -> None:
         self.sums = {}
 
-    def update(self, code: torch.Tensor, active: torch.Tensor | None, x: torch.Tensor, x_hat: torch.Tensor) -> None:
+    def update(self, code: torch.Tensor, tally: dict[str, torch.Tensor], x: torch.Tensor, x_hat: torch.Tensor) -> None:
+        """Adds a batch: its code, the bottleneck's own sums (Bottleneck.tally), the input and reconstruction."""
         code, x, x_hat = code.detach().float(), x.flatten(1).float(), x_hat.detach().flatten(1).float()
         parts = {"n": torch.tensor(float(len(code)), device=code.device), "sum": code.sum(0),
-                 "sq": code.pow(2).sum(0), "sse": (x - x_hat).pow(2).sum(), "x_sum": x.sum(0), "x_sq": x.pow(2).sum()}
-        if active is not None:
-            parts["active"] = active.float().sum(0)
+                 "sq": code.pow(2).sum(0), "sse": (x - x_hat).pow(2).sum(), "x_sum": x.sum(0), "x_sq": x.pow(2).sum(),
+                 **{k: v.detach() for k, v in tally.items()}}
         for k, v in parts.items():
             self.sums[k] = self.sums[k] + v if k in self.sums else v
 

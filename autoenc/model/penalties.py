@@ -21,6 +21,7 @@ class Penalty:
     needs = "any code"  # what the penalty needs of the bottleneck, in words (for refusals)
     needs_jacobian = False  # True: called with `jacobian`, the code's Jacobian norm per example
     rate: float | None = None  # the mean rate asked of each unit (KL sparsity's ρ): the bottleneck's figures use it
+    per_position = True  # False: it needs one flat code per example (refused with net.latent=grid)
 
     def __init__(self, weight: float = 0.0):
         require(is_number(weight) and weight >= 0, "penalty.weight", weight, "a number ≥ 0")
@@ -42,6 +43,8 @@ class Penalty:
 class L1(Penalty):
     """λ · Σ_j |z_j| per example: drives codes to exactly zero on a ReLU bottleneck (sparse AE)."""
 
+    per_position = False
+
     def __init__(self, weight: float = 0.01):
         super().__init__(weight)
 
@@ -53,6 +56,7 @@ class KL(Penalty):
     """β · Σ_j KL(ρ ‖ ρ̂_j), ρ̂_j the batch-mean rate of unit j (Ng's sparse autoencoder notes)."""
 
     needs = "rates in [0, 1]"
+    per_position = False
 
     def __init__(self, weight: float = 1.0, rho: float = 0.05):
         super().__init__(weight)
@@ -77,6 +81,7 @@ class Contractive(Penalty):
 
     needs = "a deterministic code"
     needs_jacobian = True
+    per_position = False
 
     def __init__(self, weight: float = 0.1, method: str = "auto", projections: int = 1):
         super().__init__(weight)

@@ -52,7 +52,9 @@ class VQ(Bottleneck):
         self._pool: list[torch.Tensor] = []  # the k-means batches seen so far (not state: see _initialise)
         self._generator: torch.Generator | None = None  # the last training forward's, for revival's draws
 
-    def setup(self, latent_dim):
+    per_position = True
+
+    def setup(self, latent_dim, grid=()):
         self.latent_dim = latent_dim
         codebook = torch.randn(self.codes, latent_dim)
         if self.ema:
@@ -94,6 +96,18 @@ class VQ(Bottleneck):
         """How many of the vectors in `indices` chose each code, shape (codes,)."""
         return torch.bincount(indices.reshape(-1), minlength=self.codes).float()
 
+    def tally(self, latent):
+        return {"usage": self.usage(latent.indices)}
+
+    def split_figures(self, stats):
+        """Over a split: the share of codes used, the perplexity of their use, the share dead (unused in
+        training for `dead_after` steps), and each code's share of the positions (code_frequency)."""
+        usage = stats["usage"]
+        p = usage / usage.sum().clamp_min(1)
+        entropy = -(p * p.clamp_min(1e-30).log()).sum()
+        return {"codes_used": (usage > 0).float().mean(), "perplexity": entropy.exp(),
+                "dead_codes": (self.since_used >= self.dead_after).float().mean(), "code_frequency": p}
+
     def terms(self, latent: Latent, step: Step):
         rows = _rows(latent.h).float()
         e = _rows(self.lookup(latent.indices)).float()
@@ -110,8 +124,10 @@ class VQ(Bottleneck):
             counts, dead = self._learn(rows.detach(), latent.indices.reshape(-1), counts)
         p = counts / counts.sum().clamp_min(1)
         entropy = -(p * p.clamp_min(1e-30).log()).sum()
-        figures |= {"perplexity": entropy.exp(), "codes_used": (counts > 0).float().mean(),
-                    "dead_codes": dead.float().mean()}
+        # the batch's figures; a split's (codes_used, perplexity, dead_codes) come from split_figures
+        figures |= {"batch_perplexity": entropy.exp(), "batch_codes_used": (counts > 0).float().mean()}
+        if self.training:
+            figures["dead_codes"] = dead.float().mean()
         return term, figures
 
     @torch.no_grad()

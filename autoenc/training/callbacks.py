@@ -17,7 +17,7 @@ from torchvision.utils import make_grid
 from autoenc.model.bottlenecks import Stochastic
 from autoenc.util.errors import Interrupt, UserError
 from autoenc.util.slurm import requeue, slurm_job
-from autoenc.util.pictures import decoder_features, fixed_examples, image_loggers, picture, publish, square
+from autoenc.util.pictures import code_usage, decoder_features, fixed_examples, image_loggers, picture, publish, square
 
 
 class ProgressBar(TQDMProgressBar):
@@ -144,7 +144,7 @@ class Pictures(Callback):
         if self.samples and isinstance(ae.bottleneck, Stochastic):
             x = ae.sample(self.samples, generator=torch.Generator(device=pl_module.device).manual_seed(self.seed))
             publish(trainer, "val/samples", picture(square(x)), self.dir / "samples.png")
-        if self.manifold and ae.latent_dim == 2:
+        if self.manifold and ae.code_shape == (2,):
             # Points at evenly spaced quantiles of N(0, 1), as in Kingma & Welling (2014), fig. 4.
             q = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, self.manifold))
             zz = torch.cartesian_prod(q.flip(0), q)[:, [1, 0]].to(pl_module.device)
@@ -162,13 +162,17 @@ class Pictures(Callback):
 
     @torch.no_grad()
     def on_fit_end(self, trainer, pl_module):
-        freq = pl_module.epoch_figures.get("activation_frequency")
-        if freq is not None and len(pl_module.autoencoder.shape) == 3:
-            publish(trainer, "features", decoder_features(pl_module.autoencoder, freq), self.dir / "features.png")
+        figures, ae = pl_module.epoch_figures, pl_module.autoencoder
+        if len(ae.shape) != 3:
+            return
+        if "activation_frequency" in figures:
+            publish(trainer, "features", decoder_features(ae, figures["activation_frequency"]), self.dir / "features.png")
+        elif "code_frequency" in figures:
+            publish(trainer, "features", code_usage(ae, figures["code_frequency"]), self.dir / "features.png")
 
     @torch.no_grad()
     def on_test_epoch_end(self, trainer, pl_module):
-        if pl_module.autoencoder.latent_dim != 2 or not self.scatter_examples or not trainer.is_global_zero:
+        if pl_module.autoencoder.code_shape != (2,) or not self.scatter_examples or not trainer.is_global_zero:
             return
         import matplotlib
 

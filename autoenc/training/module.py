@@ -95,7 +95,7 @@ class AutoencoderModule(pl.LightningModule):
         latent = out.latent
         logits = out.logits if latent.z is latent.code else ae.decode(latent.code)  # the deterministic code
         x_hat = ae.likelihood.mean(logits)
-        self.statistics.update(latent.code, ae.bottleneck.active(latent.code), x, x_hat)
+        self.statistics.update(latent.code, ae.bottleneck.tally(latent), x, x_hat)
         terms["mse"] = F.mse_loss(x_hat, x)
         if ae.noise is not None:
             terms |= {"psnr_noisy": psnr(x_tilde, x), "psnr_denoised": psnr(x_hat, x)}

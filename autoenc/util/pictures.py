@@ -103,6 +103,18 @@ def square(x: torch.Tensor) -> list[torch.Tensor]:
     return [x[i:i + cols] for i in range(0, len(x), cols)]
 
 
+def code_usage(ae, frequency: torch.Tensor) -> torch.Tensor:
+    """One tile per codebook vector, most used first: the decoding of that code at every position of the
+    code; codes no validation example used framed in red."""
+    order = frequency.argsort(descending=True, stable=True)
+    codes = ae.bottleneck.codebook.detach()[order.to(ae.bottleneck.codebook.device)]
+    z = codes.view(*codes.shape, *[1] * len(ae.grid)).expand(*codes.shape, *ae.grid)
+    tiles = torch.cat([ae.likelihood.mean(ae.decode(chunk)) for chunk in z.split(256)])
+    unused = frequency[order] == 0
+    return picture(square(tiles), frames=torch.cat(square(unused.view(-1, 1, 1, 1))).flatten(),
+                   title=f"{len(unused)} codes by use on the validation split; {int(unused.sum())} unused (red)")
+
+
 def decoder_features(ae, frequency: torch.Tensor) -> torch.Tensor:
     """One tile per latent unit, most often active first: the decoder's output for that unit on alone
     (at 1) minus its output at 0, all tiles on one shared grey scale (so a unit that does little looks
