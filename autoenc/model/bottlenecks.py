@@ -26,10 +26,10 @@ class Latent:
 
 
 @dataclass
-class Step:
-    """What a bottleneck's loss terms may use of one pass: the clean x, the decoder's logits and their
-    reconstruction loss (batch mean), the decoder and the likelihood's per-example NLL, and the epochs of
-    training done (None outside training)."""
+class Pass:
+    """What a bottleneck's loss terms may use of one forward pass (not an optimizer step): the clean x, the
+    decoder's logits and their reconstruction loss (batch mean), the decoder and the likelihood's
+    per-example NLL, and the epochs of training done (None outside training)."""
 
     x: torch.Tensor
     logits: torch.Tensor
@@ -88,7 +88,7 @@ class Bottleneck(nn.Module):
         cut = self.fires_above()
         return None if cut is None else code > cut
 
-    def terms(self, latent: Latent, step: Step) -> tuple[torch.Tensor | None, dict]:
+    def terms(self, latent: Latent, pass_: Pass) -> tuple[torch.Tensor | None, dict]:
         """The (weighted) term this bottleneck adds to the loss (None: none), and its named parts and
         figures (per-example means)."""
         active = self.active(latent.code)
@@ -226,15 +226,15 @@ class TopK(ReLU):
         finally:
             self.held = None
 
-    def terms(self, latent, step):
-        extra, figures = super().terms(latent, step)
-        z_aux = self.auxiliary(latent) if step.progress is not None and self.aux_coef else None
+    def terms(self, latent, pass_):
+        extra, figures = super().terms(latent, pass_)
+        z_aux = self.auxiliary(latent) if pass_.progress is not None and self.aux_coef else None
         if z_aux is None:
             return extra, figures
         # AuxK: the auxiliary code's decoding, added to the code's, must explain the rest of x; only the
         # auxiliary code and the decoder's part for it get gradient (Gao et al. 2024, eq. 2)
-        aux_logits = step.logits.detach() + step.decode(z_aux) - step.decode(torch.zeros_like(z_aux))
-        auxk = step.nll(aux_logits, step.x).mean()
+        aux_logits = pass_.logits.detach() + pass_.decode(z_aux) - pass_.decode(torch.zeros_like(z_aux))
+        auxk = pass_.nll(aux_logits, pass_.x).mean()
         return self.aux_coef * auxk, {**figures, "auxk": auxk}
 
     def auxiliary(self, latent: Latent) -> torch.Tensor | None:
@@ -290,11 +290,11 @@ class Gaussian(Bottleneck):
             return self.beta
         return self.beta * min(1.0, progress / self.warmup_epochs)
 
-    def terms(self, latent, step):
+    def terms(self, latent, pass_):
         kl = gaussian_kl(latent.mean, latent.logvar).mean()
-        beta = self.beta_at(step.progress)
-        stats = {"kl": kl, "nelbo": step.recon + kl}
-        if step.progress is not None:
+        beta = self.beta_at(pass_.progress)
+        stats = {"kl": kl, "nelbo": pass_.recon + kl}
+        if pass_.progress is not None:
             stats["beta"] = kl.new_tensor(beta)
         return beta * kl, stats
 
