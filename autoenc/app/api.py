@@ -103,7 +103,7 @@ class Model:
             except (OSError, RuntimeError, ValueError) as e:
                 raise UserError(f"cannot read image {item}: {cache.reason(e)}; give the path of a readable image") from None
         pixels = np.array(item.convert("L" if c == 1 else "RGB"), dtype=np.uint8).reshape(item.height, item.width, -1)
-        return cache.fit(torch.from_numpy(pixels).permute(2, 0, 1), (h, w), crop)
+        return cache.resize(torch.from_numpy(pixels).permute(2, 0, 1), (h, w), crop)
 
     def input(self, x) -> torch.Tensor:
         """Model input on the model's device: the run's own transform (uint8 to [0, 1], standardization)."""

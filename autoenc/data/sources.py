@@ -13,8 +13,7 @@ import numpy as np
 import torch
 
 from autoenc.data import cache
-from autoenc.data.module import Rows, TensorDataModule, subset
-from autoenc.data.module import test_fraction as checked_test_fraction
+from autoenc.data.module import Rows, TensorDataModule, checked_test_fraction, subset
 from autoenc.util.errors import UserError, is_integer, require
 
 
@@ -174,7 +173,7 @@ def read_images(path: Path, size: int, channels: int, crop: int | None = None,
     return x, torch.tensor([classes.index(p.parent.name) for p in files]), files
 
 
-def test_split(n: int, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+def held_out_split(n: int, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed (seeded) split of n examples into training and test positions."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(12345))
     n_test = max(1, int(round(fraction * n)))
@@ -198,7 +197,7 @@ class ImageFolder(Photos):
         names = [os.path.basename(os.path.dirname(files[i])) for i in self.cache.valid]
         classes = {n: k for k, n in enumerate(sorted(set(names)))}
         y = torch.tensor([classes[n] for n in names])
-        train, test = test_split(len(x), self.test_fraction)
+        train, test = held_out_split(len(x), self.test_fraction)
         return subset(x, train), y[train], subset(x, test), y[test]
 
 
@@ -360,7 +359,7 @@ class Arrays(TensorDataModule):
 
     def load(self):
         rows, labels = self.examples()
-        train, test = test_split(len(rows), self.test_fraction)
+        train, test = held_out_split(len(rows), self.test_fraction)
         pick = (lambda i: labels[i]) if labels is not None else (lambda i: None)
         return rows.subset(train.numpy()), pick(train), rows.subset(test.numpy()), pick(test)
 
