@@ -140,23 +140,23 @@ class Photos(TensorDataModule):
         return Rows(self.cache.images, self.cache.valid)
 
     def load_splits(self):
-        return self.held(super().load_splits())
+        return self.gathered(super().load_splits())
 
-    def held(self, splits: dict, device: torch.device = torch.device("cpu")) -> dict:
+    def gathered(self, splits: dict, device: torch.device = torch.device("cpu")) -> dict:
         """The splits as Rows of the cache, or each gathered once into a uint8 tensor: with stream=false, and
         with auto on a GPU when the set fits."""
         fits = self.stream == "auto" and device.type != "cpu" and self.cache.nbytes <= STREAM_ABOVE
         if self.stream is False or fits:
-            return {k: (hold(x) if isinstance(x, Rows) else x, y) for k, (x, y) in splits.items()}
+            return {k: (in_memory(x) if isinstance(x, Rows) else x, y) for k, (x, y) in splits.items()}
         return splits
 
     def setup(self, stage: str | None = None) -> None:
         if self.on_device:
-            self._splits = self.held(self.splits, self._device())
+            self._splits = self.gathered(self.splits, self._device())
         super().setup(stage)
 
 
-def hold(rows: Rows) -> torch.Tensor:
+def in_memory(rows: Rows) -> torch.Tensor:
     """The rows of a cache as one tensor in memory, gathered straight from the mapped file."""
     return torch.from_numpy(rows.array).view(len(rows.array), *rows.example_shape)[torch.from_numpy(rows.index)]
 
@@ -167,7 +167,7 @@ def read_images(path: Path, size: int, channels: int, crop: int | None = None,
     (N, C, H, W), labels from sub-folder names, and the files (unreadable ones left out, with a warning)."""
     reader = Photos(size=size, channels=channels, crop=crop, cache_dir=cache_dir)
     files = cache.list_images(path)
-    x = hold(reader.open(files, path))
+    x = in_memory(reader.open(files, path))
     files = [Path(files[i]) for i in reader.cache.valid]
     classes = sorted({p.parent.name for p in files})
     return x, torch.tensor([classes.index(p.parent.name) for p in files]), files
@@ -260,7 +260,7 @@ class CelebA(Photos):
             at = np.flatnonzero(part == code)
             xs, ys = subset(x, at), None if labels is None else labels[torch.from_numpy(at)]
             out[split] = (xs, ys) if split == "test" else self.only_classes(xs, ys)
-        return self.held(out)
+        return self.gathered(out)
 
     def labels(self, found: dict) -> torch.Tensor | None:
         """The labels `target` names, for the images that decoded."""

@@ -182,7 +182,7 @@ class TopK(ReLU):
         require(is_number(standardize) and 0 <= standardize <= 1, "bottleneck.standardize", standardize,
                 "a momentum in [0, 1] (0: off)")
         self.k, self.aux_k, self.aux_coef, self.dead_window = k, aux_k, aux_coef, dead_window
-        self.standardize, self.held = standardize, None
+        self.standardize, self.frozen_moments = standardize, None
 
     def setup(self, latent_dim):
         require(self.k <= latent_dim, "bottleneck.k", self.k, "an integer from 1 to model.latent_dim")
@@ -197,7 +197,7 @@ class TopK(ReLU):
         if not self.standardize:
             code = self.activation(h)
             return Latent(code, code, h)
-        mean, variance = self.held or self.moments(h)
+        mean, variance = self.frozen_moments or self.moments(h)
         self.last = mean.detach(), variance.detach()
         centered = h - mean
         top = (centered / (variance + 1e-5).sqrt()).topk(self.k, dim=1).indices
@@ -220,11 +220,11 @@ class TopK(ReLU):
 
     @contextmanager
     def fixed(self):
-        self.held = getattr(self, "last", None) if self.training else None
+        self.frozen_moments = getattr(self, "last", None) if self.training else None
         try:
             yield
         finally:
-            self.held = None
+            self.frozen_moments = None
 
     def terms(self, latent, pass_):
         extra, figures = super().terms(latent, pass_)
