@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.autograd.functional import jacobian
 from torch.distributions import Normal, kl_divergence
 
-from autoenc.model.bottlenecks import Latent, Step, Gaussian, Linear, ReLU, Sigmoid, Stochastic, TopK, gaussian_kl
+from autoenc.model.bottlenecks import Latent, Pass, Gaussian, Linear, ReLU, Sigmoid, Stochastic, TopK, gaussian_kl
 
 H = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
 DETERMINISTIC = [Linear(), ReLU(), Sigmoid(), TopK(k=3, standardize=0.0)]
@@ -48,19 +48,19 @@ def test_topk_keeps_the_k_largest_then_relu():
     assert ((z != 0).sum(1) <= 3).all() and (z != 0).sum(1).max() == 3
 
 
-def step(recon=torch.tensor(0.0), progress=None) -> Step:
+def one_pass(recon=torch.tensor(0.0), progress=None) -> Pass:
     """A pass's context for a bottleneck's terms that use only the reconstruction loss and the progress."""
-    return Step(torch.zeros(1), torch.zeros(1), recon, None, None, progress)
+    return Pass(torch.zeros(1), torch.zeros(1), recon, None, None, progress)
 
 
 def test_active_units_and_l0():
     z = torch.tensor([[0.0, 2.0, 0.0], [1.0, 3.0, 0.0]])
     assert ReLU().active(z).tolist() == [[False, True, False], [True, True, False]]
-    _, stats = ReLU().terms(ReLU()(z), step())
+    _, stats = ReLU().terms(ReLU()(z), one_pass())
     assert stats["l0"].item() == 1.5
     figures = ReLU().split_figures({"n": torch.tensor(2.0), "active": ReLU().active(z).float().sum(0)})
     assert figures["activation_frequency"].tolist() == [0.5, 1.0, 0.0] and figures["dead_fraction"].item() == pytest.approx(1 / 3)
-    assert Linear().active(z) is None and Linear().terms(Linear()(z), step())[1] == {}
+    assert Linear().active(z) is None and Linear().terms(Linear()(z), one_pass())[1] == {}
 
 
 def test_gaussian_head_is_twice_as_wide_and_the_code_is_the_mean():
@@ -91,7 +91,7 @@ def test_gaussian_term_is_beta_times_kl_with_warmup():
     kl = kl_divergence(q, Normal(0.0, 1.0)).sum(1).mean().item()
     recon = torch.tensor(10.0)
     for progress, beta in ((0.0, 0.0), (1.0, 0.25), (3.0, 0.5), (None, 0.5)):
-        term, stats = b.terms(latent, step(recon, progress))
+        term, stats = b.terms(latent, one_pass(recon, progress))
         assert term.item() == pytest.approx(beta * kl, rel=1e-5)
         assert stats["nelbo"].item() == pytest.approx(10.0 + kl, rel=1e-5)  # the bound counts the whole KL
         assert ("beta" in stats) == (progress is not None)

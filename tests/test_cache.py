@@ -121,7 +121,7 @@ def test_streamed_batches_equal_in_memory_batches_for_the_same_seed(tmp_path, wo
     assert isinstance(xh, torch.Tensor) and type(xs).__name__ == "Rows" and torch.equal(yh, ys)
     auto = folder(images, tmp_path)  # stream=auto: read from the cache on the CPU, held on a GPU when it fits
     assert type(auto.splits["train"][0]).__name__ == "Rows"
-    assert torch.equal(auto.held(auto.splits, torch.device("cuda"))["train"][0], xh)
+    assert torch.equal(auto.gathered(auto.splits, torch.device("cuda"))["train"][0], xh)
     for epoch in (0, 1):
         for rank in range(world):
             a = list(TensorBatches(xh, yh, 8, True, 3, lambda: epoch, rank, world))

@@ -9,12 +9,12 @@ from functools import partial
 import pytest
 import torch
 
-from autoenc.model.bottlenecks import Step
+from autoenc.model.bottlenecks import Pass
 from autoenc.model.bottlenecks import Stochastic
 from autoenc.model.quantize import VQ
 from autoenc.util.errors import UserError
 
-STEP = Step(torch.zeros(1), torch.zeros(1), torch.tensor(0.0), None, None, None)
+STEP = Pass(torch.zeros(1), torch.zeros(1), torch.tensor(0.0), None, None, None)
 
 
 def vq(latent_dim: int, **kwargs) -> VQ:

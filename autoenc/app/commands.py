@@ -1,5 +1,5 @@
-"""Commands that use a trained model: thin wrappers over the Python API (autoenc.app.api) that read the
-config's keys and write files."""
+"""Commands that use a trained model: thin wrappers over the Python API (autoenc.app.api) and the
+evaluation layer (autoenc.evaluation) that read the config's keys and inputs, write files and print."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from omegaconf import DictConfig
 
 from autoenc.model.bottlenecks import Stochastic
 from autoenc.app.api import Model, load
-from autoenc.util.errors import UserError, is_integer, require
+from autoenc.evaluation import anomaly, arithmetic
 from autoenc.training.runs import write_json
+from autoenc.util.errors import UserError, is_integer, require
 from autoenc.util.pictures import picture, save_png, square
 
 ARRAY_SUFFIXES = (".npy", ".npz", ".pt")
@@ -196,13 +197,9 @@ def interpolate(cfg: DictConfig) -> Path:
     path = save_png(picture([torch.cat([a[i:i + 1], paths[i], b[i:i + 1]]) for i in range(pairs)]),
                     out_path(cfg, model, f"interpolate_{data.source}_pairs{pairs}_steps{cfg.steps}.png"))
     if isinstance(model.autoencoder.bottleneck, Stochastic):
-        d = model.latent_dim
-        z0 = model.encode(data.x[:1])[0]
-        z = z0.expand(d, cfg.steps, d).clone()  # row i sweeps dimension i around the first image's code
-        z[torch.arange(d), :, torch.arange(d)] = torch.linspace(-cfg.traversal, cfg.traversal, cfg.steps)
-        x = model.decode(z.flatten(0, 1))
-        rows = list(x.view(d, cfg.steps, *x.shape[1:]))
-        save_png(picture(rows, [f"z{i + 1}" for i in range(d)]), path.with_name(f"{path.stem}_traversal{path.suffix}"))
+        rows = list(arithmetic.traversal(model.run, model.stored(data.x[:1]), cfg.steps, cfg.traversal, model.batch_size))
+        labels = [f"z{i + 1}" for i in range(len(rows))]
+        save_png(picture(rows, labels), path.with_name(f"{path.stem}_traversal{path.suffix}"))
     return path
 
 
@@ -213,51 +210,16 @@ def score(cfg: DictConfig) -> Path:
     model = load_model(cfg)
     data = inputs(cfg, model)
     scores = model.score(data.x, k=cfg.eval.iwae_samples, seed=cfg.seed, numpy=True)
-    kind = "nll_iwae" if "nll_iwae" in scores else "mse"
     table = {name_column(cfg): data.names, "label": data.y.numpy(), **scores}
     path = out_path(cfg, model, f"score_{data.source}.csv")
     write_table(path, table)
     np.savez(path.with_suffix(".npz"), **table)
-    summary = {"score": kind, "examples": len(data.names), "mean": float(table["score"].mean())}
-    if cfg.normal is not None:
-        summary |= detection(table["score"], data.y.numpy(), list(cfg.normal))
-    score_histogram(table["score"], data.y.numpy(), cfg.normal, kind, path.with_suffix(".png"))
+    summary = anomaly.summary(scores, data.y.numpy(), cfg.normal)
+    anomaly.histogram(scores["score"], data.y.numpy(), cfg.normal, summary["score"], path.with_suffix(".png"))
     write_json(path.with_suffix(".json"), summary)
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     print(f"wrote {path} (and .npz, .json, .png)")
     return path
-
-
-def detection(scores: np.ndarray, labels: np.ndarray, normal: list) -> dict:
-    """How well the scores tell anomalies (labels not in `normal`) from normal examples: ROC-AUC, AP."""
-    from sklearn.metrics import average_precision_score, roc_auc_score
-
-    anomalous = ~np.isin(labels, normal)
-    if anomalous.all() or not anomalous.any():
-        raise UserError(f"normal={normal} must name some but not all of the labels here ({sorted(set(labels.tolist()))})")
-    return {"roc_auc": float(roc_auc_score(anomalous, scores)), "average_precision": float(average_precision_score(anomalous, scores)),
-            "normal": int((~anomalous).sum()), "anomalous": int(anomalous.sum())}
-
-
-def score_histogram(scores, labels, normal, kind: str, path: Path) -> None:
-    """Histogram of the scores, normal and anomalous apart when `normal` names the normal labels."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    bins = np.histogram_bin_edges(scores, bins=60)
-    if normal is None:
-        ax.hist(scores, bins=bins)
-    else:
-        anomalous = ~np.isin(labels, list(normal))
-        ax.hist(scores[~anomalous], bins=bins, alpha=0.6, label=f"normal (labels {list(normal)})")
-        ax.hist(scores[anomalous], bins=bins, alpha=0.6, label="anomalous (other labels)")
-        ax.legend()
-    ax.set(xlabel=f"anomaly score ({kind})", ylabel="examples")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
 
 
 def write_table(path: Path, table: dict) -> None:

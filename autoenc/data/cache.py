@@ -58,10 +58,10 @@ def decode(path: str, size: tuple[int, int], channels: int, crop: tuple[int, int
         with Image.open(path) as im:
             img = torch.from_numpy(np.array(im.convert("L" if channels == 1 else "RGB"))).view(im.height, im.width, -1)
         img = img.permute(2, 0, 1)
-    return fit(img, size, crop)
+    return resize(img, size, crop)
 
 
-def fit(img: torch.Tensor, size: tuple[int, int], crop: tuple[int, int] | None = None) -> torch.Tensor:
+def resize(img: torch.Tensor, size: tuple[int, int], crop: tuple[int, int] | None = None) -> torch.Tensor:
     """A uint8 (C, H, W) image centre-cropped to `crop` if given, then resized to `size` (antialiased)."""
     from torchvision.transforms.v2 import functional as F
 

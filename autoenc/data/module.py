@@ -376,7 +376,7 @@ class TensorDataModule(pl.LightningDataModule):
         return self._binarizer.at(t.fit_loop.total_batch_idx, device)
 
 
-def test_fraction(value) -> float:
+def checked_test_fraction(value) -> float:
     """A held-out test share in (0, 1), for the sources that cut their own test split."""
     require(is_number(value) and 0 < value < 1, "data.test_fraction", value, "a fraction in (0, 1)")
     return value

@@ -13,8 +13,7 @@ import numpy as np
 import torch
 
 from autoenc.data import cache
-from autoenc.data.module import Rows, TensorDataModule, subset
-from autoenc.data.module import test_fraction as checked_test_fraction
+from autoenc.data.module import Rows, TensorDataModule, checked_test_fraction, subset
 from autoenc.util.errors import UserError, is_integer, require
 
 
@@ -141,23 +140,23 @@ class Photos(TensorDataModule):
         return Rows(self.cache.images, self.cache.valid)
 
     def load_splits(self):
-        return self.held(super().load_splits())
+        return self.gathered(super().load_splits())
 
-    def held(self, splits: dict, device: torch.device = torch.device("cpu")) -> dict:
+    def gathered(self, splits: dict, device: torch.device = torch.device("cpu")) -> dict:
         """The splits as Rows of the cache, or each gathered once into a uint8 tensor: with stream=false, and
         with auto on a GPU when the set fits."""
         fits = self.stream == "auto" and device.type != "cpu" and self.cache.nbytes <= STREAM_ABOVE
         if self.stream is False or fits:
-            return {k: (hold(x) if isinstance(x, Rows) else x, y) for k, (x, y) in splits.items()}
+            return {k: (in_memory(x) if isinstance(x, Rows) else x, y) for k, (x, y) in splits.items()}
         return splits
 
     def setup(self, stage: str | None = None) -> None:
         if self.on_device:
-            self._splits = self.held(self.splits, self._device())
+            self._splits = self.gathered(self.splits, self._device())
         super().setup(stage)
 
 
-def hold(rows: Rows) -> torch.Tensor:
+def in_memory(rows: Rows) -> torch.Tensor:
     """The rows of a cache as one tensor in memory, gathered straight from the mapped file."""
     return torch.from_numpy(rows.array).view(len(rows.array), *rows.example_shape)[torch.from_numpy(rows.index)]
 
@@ -168,13 +167,13 @@ def read_images(path: Path, size: int, channels: int, crop: int | None = None,
     (N, C, H, W), labels from sub-folder names, and the files (unreadable ones left out, with a warning)."""
     reader = Photos(size=size, channels=channels, crop=crop, cache_dir=cache_dir)
     files = cache.list_images(path)
-    x = hold(reader.open(files, path))
+    x = in_memory(reader.open(files, path))
     files = [Path(files[i]) for i in reader.cache.valid]
     classes = sorted({p.parent.name for p in files})
     return x, torch.tensor([classes.index(p.parent.name) for p in files]), files
 
 
-def test_split(n: int, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+def held_out_split(n: int, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed (seeded) split of n examples into training and test positions."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(12345))
     n_test = max(1, int(round(fraction * n)))
@@ -198,7 +197,7 @@ class ImageFolder(Photos):
         names = [os.path.basename(os.path.dirname(files[i])) for i in self.cache.valid]
         classes = {n: k for k, n in enumerate(sorted(set(names)))}
         y = torch.tensor([classes[n] for n in names])
-        train, test = test_split(len(x), self.test_fraction)
+        train, test = held_out_split(len(x), self.test_fraction)
         return subset(x, train), y[train], subset(x, test), y[test]
 
 
@@ -261,7 +260,7 @@ class CelebA(Photos):
             at = np.flatnonzero(part == code)
             xs, ys = subset(x, at), None if labels is None else labels[torch.from_numpy(at)]
             out[split] = (xs, ys) if split == "test" else self.only_classes(xs, ys)
-        return self.held(out)
+        return self.gathered(out)
 
     def labels(self, found: dict) -> torch.Tensor | None:
         """The labels `target` names, for the images that decoded."""
@@ -360,7 +359,7 @@ class Arrays(TensorDataModule):
 
     def load(self):
         rows, labels = self.examples()
-        train, test = test_split(len(rows), self.test_fraction)
+        train, test = held_out_split(len(rows), self.test_fraction)
         pick = (lambda i: labels[i]) if labels is not None else (lambda i: None)
         return rows.subset(train.numpy()), pick(train), rows.subset(test.numpy()), pick(test)
 

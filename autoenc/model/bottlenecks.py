@@ -28,10 +28,10 @@ class Latent:
 
 
 @dataclass
-class Step:
-    """What a bottleneck's loss terms may use of one pass: the clean x, the decoder's logits and their
-    reconstruction loss (batch mean), the decoder and the likelihood's per-example NLL, and the epochs of
-    training done (None outside training)."""
+class Pass:
+    """What a bottleneck's loss terms may use of one forward pass (not an optimizer step): the clean x, the
+    decoder's logits and their reconstruction loss (batch mean), the decoder and the likelihood's
+    per-example NLL, and the epochs of training done (None outside training)."""
 
     x: torch.Tensor
     logits: torch.Tensor
@@ -94,7 +94,7 @@ class Bottleneck(nn.Module):
         cut = self.fires_above()
         return None if cut is None else code > cut
 
-    def terms(self, latent: Latent, step: Step) -> tuple[torch.Tensor | None, dict]:
+    def terms(self, latent: Latent, pass_: Pass) -> tuple[torch.Tensor | None, dict]:
         """The (weighted) term this bottleneck adds to the loss (None: none), and its named parts and
         figures (per-example means)."""
         active = self.active(latent.code)
@@ -211,7 +211,7 @@ class TopK(ReLU):
         require(is_number(standardize) and 0 <= standardize <= 1, "bottleneck.standardize", standardize,
                 "a momentum in [0, 1] (0: off)")
         self.k, self.aux_k, self.aux_coef, self.dead_window = k, aux_k, aux_coef, dead_window
-        self.standardize, self.held = standardize, None
+        self.standardize, self.frozen_moments = standardize, None
 
     def setup(self, latent_dim, grid=()):
         require(self.k <= latent_dim, "bottleneck.k", self.k, "an integer from 1 to model.latent_dim")
@@ -226,7 +226,7 @@ class TopK(ReLU):
         if not self.standardize:
             code = self.activation(h)
             return Latent(code, code, h)
-        mean, variance = self.held or self.moments(h)
+        mean, variance = self.frozen_moments or self.moments(h)
         self.last = mean.detach(), variance.detach()
         centered = h - mean
         top = (centered / (variance + 1e-5).sqrt()).topk(self.k, dim=1).indices
@@ -249,21 +249,21 @@ class TopK(ReLU):
 
     @contextmanager
     def fixed(self):
-        self.held = getattr(self, "last", None) if self.training else None
+        self.frozen_moments = getattr(self, "last", None) if self.training else None
         try:
             yield
         finally:
-            self.held = None
+            self.frozen_moments = None
 
-    def terms(self, latent, step):
-        extra, figures = super().terms(latent, step)
-        z_aux = self.auxiliary(latent) if step.progress is not None and self.aux_coef else None
+    def terms(self, latent, pass_):
+        extra, figures = super().terms(latent, pass_)
+        z_aux = self.auxiliary(latent) if pass_.progress is not None and self.aux_coef else None
         if z_aux is None:
             return extra, figures
         # AuxK: the auxiliary code's decoding, added to the code's, must explain the rest of x; only the
         # auxiliary code and the decoder's part for it get gradient (Gao et al. 2024, eq. 2)
-        aux_logits = step.logits.detach() + step.decode(z_aux) - step.decode(torch.zeros_like(z_aux))
-        auxk = step.nll(aux_logits, step.x).mean()
+        aux_logits = pass_.logits.detach() + pass_.decode(z_aux) - pass_.decode(torch.zeros_like(z_aux))
+        auxk = pass_.nll(aux_logits, pass_.x).mean()
         return self.aux_coef * auxk, {**figures, "auxk": auxk}
 
     def auxiliary(self, latent: Latent) -> torch.Tensor | None:
@@ -320,11 +320,11 @@ class Gaussian(Stochastic):
             return self.beta
         return self.beta * min(1.0, progress / self.warmup_epochs)
 
-    def terms(self, latent, step):
+    def terms(self, latent, pass_):
         kl = gaussian_kl(latent.mean, latent.logvar).mean()
-        beta = self.beta_at(step.progress)
-        stats = {"kl": kl, "nelbo": step.recon + kl}
-        if step.progress is not None:
+        beta = self.beta_at(pass_.progress)
+        stats = {"kl": kl, "nelbo": pass_.recon + kl}
+        if pass_.progress is not None:
             stats["beta"] = kl.new_tensor(beta)
         return beta * kl, stats
 

@@ -9,7 +9,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from autoenc.model.bottlenecks import Bottleneck, Latent, Linear, Step, Stochastic
+from autoenc.model.bottlenecks import Bottleneck, Latent, Linear, Pass, Stochastic
 from autoenc.util.errors import UserError, is_number, require
 from autoenc.model.likelihoods import Bernoulli
 from autoenc.model.penalties import Penalty, jacobian_sq
@@ -95,8 +95,7 @@ class Autoencoder(nn.Module):
         latent = self.encode(x_tilde, generator)
         logits = self.decode(latent.z)
         recon = self.likelihood.nll(logits, x).mean()
-        step = Step(x, logits, recon, self.decode, self.likelihood.nll, progress)
-        extra, terms = self.bottleneck.terms(latent, step)
+        extra, terms = self.bottleneck.terms(latent, Pass(x, logits, recon, self.decode, self.likelihood.nll, progress))
         jacobian = partial(self.jacobian_sq, x_tilde, latent.code) if self.penalty.needs_jacobian else None
         penalty, figures = self.penalty(latent.code, jacobian=jacobian, generator=generator)
         decay = self.weight_penalty / 2 * sum(w.pow(2).sum() for w in self.weights()) if self.weight_penalty else None

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoenc.model.bottlenecks import Bottleneck, Latent, Step
+from autoenc.model.bottlenecks import Bottleneck, Latent, Pass
 from autoenc.model.ranks import from_rank0, sum_over_ranks, world_size
 from autoenc.util.errors import is_integer, is_number, require
 
@@ -108,7 +108,7 @@ class VQ(Bottleneck):
         return {"codes_used": (usage > 0).float().mean(), "perplexity": entropy.exp(),
                 "dead_codes": (self.since_used >= self.dead_after).float().mean(), "code_frequency": p}
 
-    def terms(self, latent: Latent, step: Step):
+    def terms(self, latent: Latent, pass_: Pass):
         rows = _rows(latent.h).float()
         e = _rows(self.lookup(latent.indices)).float()
         commitment = (rows - e.detach()).pow(2).sum(1).mean()

@@ -33,7 +33,7 @@ class ProgressBar(TQDMProgressBar):
         super().__init__(**kwargs)
         self.refresh_interval, self._drawn = refresh_interval, -math.inf
         self.line_interval, self.lines = line_interval, not sys.stdout.isatty() if lines is None else lines
-        self._said = (time.monotonic(), 0)  # when the last line was written, and at which step
+        self._last_line = (time.monotonic(), 0)  # when the last line was written, and at which step
         self._loss = None  # the last training step's loss, a tensor on the device
         self._ended: int | None = None  # an epoch whose line waits for its own figures
         if self.lines:
@@ -47,28 +47,28 @@ class ProgressBar(TQDMProgressBar):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if self.lines and time.monotonic() - self._said[0] >= self.line_interval:
-            self.say(trainer, f"step {batch_idx + 1}/{trainer.num_training_batches}", self.get_metrics(trainer, pl_module))
+        if self.lines and time.monotonic() - self._last_line[0] >= self.line_interval:
+            self.print_line(trainer, f"step {batch_idx + 1}/{trainer.num_training_batches}", self.get_metrics(trainer, pl_module))
 
-    # The module logs an epoch's mean loss after the callbacks' on_train_epoch_end: its line is said at the
-    # next epoch's start, or at the end of training, when the figures are that epoch's own.
+    # The module logs an epoch's mean loss after the callbacks' on_train_epoch_end: its line is printed at
+    # the next epoch's start, or at the end of training, when the figures are that epoch's own.
     def on_train_epoch_end(self, trainer, pl_module):
         super().on_train_epoch_end(trainer, pl_module)
         self._ended = trainer.current_epoch if self.lines else None
 
     def on_train_epoch_start(self, trainer, pl_module):
-        self._say_epoch(trainer, pl_module)
+        self._print_epoch_line(trainer, pl_module)
         super().on_train_epoch_start(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module):
-        self._say_epoch(trainer, pl_module)
+        self._print_epoch_line(trainer, pl_module)
         super().on_train_end(trainer, pl_module)
 
-    def _say_epoch(self, trainer, pl_module) -> None:
+    def _print_epoch_line(self, trainer, pl_module) -> None:
         if self._ended is None:
             return
         figures = {k: v for k, v in super().get_metrics(trainer, pl_module).items() if k != "train/loss_step"}
-        self.say(trainer, f"step {trainer.num_training_batches}/{trainer.num_training_batches}", figures, self._ended)
+        self.print_line(trainer, f"step {trainer.num_training_batches}/{trainer.num_training_batches}", figures, self._ended)
         self._ended = None
 
     def on_test_start(self, trainer, pl_module):
@@ -76,25 +76,25 @@ class ProgressBar(TQDMProgressBar):
         if self.lines:
             total = sum(trainer.num_test_batches)
             print(f"testing{' the best checkpoint' if trainer.ckpt_path else ''}: {total} batches", flush=True)
-            self._said = (time.monotonic(), 0)
+            self._last_line = (time.monotonic(), 0)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         super().on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
         now = time.monotonic()
-        if self.lines and now - self._said[0] >= self.line_interval:
-            rate = (batch_idx + 1 - self._said[1]) / max(now - self._said[0], 1e-9)
+        if self.lines and now - self._last_line[0] >= self.line_interval:
+            rate = (batch_idx + 1 - self._last_line[1]) / max(now - self._last_line[0], 1e-9)
             print(f"testing  batch {batch_idx + 1}/{sum(trainer.num_test_batches)}  {rate:.2f} batches/s", flush=True)
-            self._said = now, batch_idx + 1
+            self._last_line = now, batch_idx + 1
 
-    def say(self, trainer, where: str, figures: dict, epoch: int | None = None) -> None:
+    def print_line(self, trainer, where: str, figures: dict, epoch: int | None = None) -> None:
         """One plain progress line."""
         now, step = time.monotonic(), trainer.global_step
-        rate = (step - self._said[1]) / max(now - self._said[0], 1e-9)
+        rate = (step - self._last_line[1]) / max(now - self._last_line[0], 1e-9)
         shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items() if k != "v_num")
         epochs = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
         epoch = trainer.current_epoch if epoch is None else epoch
         print(f"epoch {epoch + 1}{epochs}  {where}  {shown}  {rate:.1f} steps/s", flush=True)
-        self._said = now, step
+        self._last_line = now, step
 
     def _should_update(self, current: int, total) -> bool:
         if not super()._should_update(current, total):

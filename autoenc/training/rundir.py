@@ -29,7 +29,7 @@ def run_dir_of(ckpt) -> Path | None:
     return next((d for d in where(ckpt).parents if (d / ".hydra").is_dir()), None)
 
 
-def held(out: Path) -> list[str]:
+def earlier_run(out: Path) -> list[str]:
     """What in `out` belongs to an earlier run: its results, checkpoints, or a sweep's record."""
     return [name for name, there in (("results.json", (out / "results.json").is_file()),
                                      ("checkpoints", any((out / "checkpoints").glob("*.ckpt"))),
@@ -112,7 +112,7 @@ def _take(out: Path, command, ckpt_path, overwrite, resume, what) -> Claim:
     import fcntl
     import time
 
-    earlier = held(out)
+    earlier = earlier_run(out)
     sweep = "multirun.yaml" in earlier or "optimization_results.yaml" in earlier
     resuming = resume or bool(ckpt_path and run_dir_of(ckpt_path) == out)
     if earlier and not overwrite and not resuming:
@@ -182,7 +182,7 @@ def release_all() -> None:
 
 def begin(out: Path, cfg) -> None:
     """The run is accepted and starts writing into `out`: an earlier run that overwrite=true replaces is removed
-    first, then the config goes to .hydra/ (as Hydra writes it) and the held log lines to the log file."""
+    first, then the config goes to .hydra/ (as Hydra writes it) and the log lines held until then to the log file."""
     from hydra.core.hydra_config import HydraConfig
 
     out = where(out)
@@ -210,15 +210,15 @@ class RunLog(logging.FileHandler):
 
     def __init__(self, filename, mode: str = "a", encoding: str | None = None):
         super().__init__(filename, mode, encoding, delay=True)
-        self.held: list[logging.LogRecord] | None = []
+        self.pending: list[logging.LogRecord] | None = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        if self.held is None:
+        if self.pending is None:
             super().emit(record)
         else:
-            self.held.append(record)
+            self.pending.append(record)
 
     def accept(self) -> None:
-        held, self.held = self.held or [], None
-        for record in held:
+        pending, self.pending = self.pending or [], None
+        for record in pending:
             super().emit(record)

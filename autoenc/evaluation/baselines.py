@@ -1,0 +1,77 @@
+"""What a trained model's figures are measured against: the test split's figures beside the reconstruction
+of PCA with as many components as the code can have non-zero values, and linear probes on the codes and
+on the input, all fitted on a seeded subset of the training split of the same kind of data they score."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from autoenc.data.module import subset
+from autoenc.evaluation import inference
+from autoenc.model import metrics
+from autoenc.training.runs import Run
+
+
+def training_sample(run: Run, x, n: int, seed: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded sample of at most n training examples (positions in order) and their model inputs: what
+    PCA and the linear probes are fitted on."""
+    keep = torch.as_tensor(np.sort(np.random.default_rng(seed).permutation(len(x))[:n]))
+    return keep, inference.inputs(run, subset(x, keep), batch_size)
+
+
+def run_test_loop(run: Run, progress: bool = True) -> dict[str, float]:
+    """The test split's figures from Lightning's test loop, with the model left on the device it was on."""
+    import lightning.pytorch as pl
+
+    on = inference.device(run)
+    trainer = pl.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=progress, enable_model_summary=False, inference_mode=False)
+    trainer.test(run.module, datamodule=run.datamodule, verbose=False)
+    figures = {k.removeprefix("test/"): float(v) for k, v in trainer.callback_metrics.items()
+               if k.startswith("test/") and v.numel() == 1}
+    run.module.to(on)  # Lightning's teardown moved the model to the CPU
+    return figures
+
+
+def pca_figures(x_train: torch.Tensor, x_test: torch.Tensor, components: int, active: int) -> dict[str, float]:
+    """Test MSE of PCA with `components` (and, for fewer `active` units, with that many) fitted on x_train."""
+    figures = {}
+    figures["pca_mse"], figures["pca_components"] = metrics.pca_mse(x_train, x_test, components)
+    if 0 < active < components:
+        figures["pca_mse_active_units"], _ = metrics.pca_mse(x_train, x_test, active)
+    return figures
+
+
+def probe_figures(codes_train, y_train, codes_test, y_test, x_train, x_test) -> dict[str, float]:
+    """Test accuracy of linear probes of the labels fitted on the codes and on the input."""
+    return {"probe_accuracy": metrics.probe_accuracy(codes_train, y_train, codes_test, y_test),
+            "probe_accuracy_pixels": metrics.probe_accuracy(x_train, y_train, x_test, y_test)}
+
+
+def evaluate(run: Run, probe_examples: int = 10_000, seed: int = 0, progress: bool = True,
+             batch_size: int = 1024) -> dict[str, float]:
+    """The test loop's figures, the reconstruction of clean test examples through the deterministic code
+    against PCA, and the linear probes where every test example has a label."""
+    dm, ae = run.datamodule, run.autoencoder
+    figures = run_test_loop(run, progress)
+    x_tr, y_tr = dm.evaluation_split("train")
+    x_te, y_te = dm.evaluation_split("test")
+    x_te_in = inference.inputs(run, x_te, batch_size)
+    # mse and psnr of clean test examples through the deterministic code: the figures PCA competes with
+    x_hat = inference.reconstructions(run, x_te, batch_size)
+    figures["mse"] = metrics.mse(x_hat, x_te_in)
+    if len(ae.shape) == 3 and dm.standardize is False:
+        figures["psnr"] = float(metrics.psnr(x_hat, x_te_in))
+    keep, x_tr_in = training_sample(run, x_tr, probe_examples, seed, batch_size)
+    y_tr = y_tr.cpu()[keep]
+    components = ae.bottleneck.active_size(ae.latent_dim)
+    print(f"fitting PCA ({components} components) and linear probes on {len(x_tr_in)} training examples…", flush=True)
+    active = int(figures.get("active_units", components))  # a VAE's units that carry information
+    figures |= pca_figures(x_tr_in, x_te_in, components, active)
+    y_te = y_te.cpu()
+    if bool((y_te >= 0).all()):
+        codes_tr = inference.codes(run, x_tr_in, batch_size, prepared=True)
+        codes_te = inference.codes(run, x_te_in, batch_size, prepared=True)
+        figures |= probe_figures(codes_tr, y_tr, codes_te, y_te, x_tr_in, x_te_in)
+    return figures
