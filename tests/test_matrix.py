@@ -24,11 +24,12 @@ BOTTLENECKS, PENALTIES, NOISES, PRESETS = (options(g) for g in ("bottleneck", "p
 
 def refused(bottleneck: str, penalty: str) -> bool:
     """The pairs that make no sense, written out independently of the code's `accepts`."""
-    return (penalty == "kl" and bottleneck != "sigmoid") or (penalty == "contractive" and bottleneck == "gaussian")
+    return ((penalty == "kl" and bottleneck != "sigmoid") or (penalty == "contractive" and bottleneck in ("gaussian", "vq"))
+            or (penalty == "l1" and bottleneck == "vq"))
 
 
 def test_the_matrix_covers_every_option():
-    assert BOTTLENECKS == ["gaussian", "linear", "relu", "sigmoid", "topk"]
+    assert BOTTLENECKS == ["gaussian", "linear", "relu", "sigmoid", "topk", "vq"]
     assert PENALTIES == ["contractive", "kl", "l1", "none"]
     assert NOISES == ["gaussian", "masking", "none", "salt_pepper"]
     assert PRESETS == ["ae", "contractive", "denoising", "sparse", "vae"]
@@ -50,6 +51,11 @@ def code_facts(run_dir, results: dict, bottleneck: str, penalty: str, noise: str
         assert code.min() >= 0 and 0 <= results["test/dead_fraction"] <= 1
     if bottleneck == "sigmoid":
         assert 0 <= code.min() and code.max() <= 1
+    if bottleneck == "vq":  # every code is a codebook vector, found independently as the nearest one
+        book = model.autoencoder.bottleneck.codebook
+        h = model.autoencoder.encoder(datamodule.splits["test"][0].float())
+        torch.testing.assert_close(code, book[torch.cdist(h, book).argmin(1)], rtol=0, atol=1e-6)
+        assert 0 < results["test/codes_used"] <= 1 and {"test/perplexity", "test/dead_codes"} <= results.keys()
     if bottleneck == "gaussian":
         assert {"test/kl", "test/nelbo", "test/active_units"} <= results.keys()
         assert results["test/nll_iwae"] <= results["test/nelbo"]

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from autoenc.model.quantize import VQ
 from autoenc.data.cache import IMAGE_SUFFIXES
 from autoenc.data.module import Rows
 from autoenc.evaluation import anomaly, arithmetic, baselines, inference
@@ -110,23 +111,48 @@ class Model:
         return inference.model_input(self.run, self.stored(x))
 
     # ---- the model -----------------------------------------------------------------------
-    def encode(self, x, numpy: bool = False):
-        """The deterministic codes (the posterior mean for a gaussian bottleneck), (N, latent_dim)."""
-        return _out(inference.codes(self.run, self.stored(x), self.batch_size), numpy)
+    def encode(self, x, numpy: bool = False, labels=None):
+        """The deterministic codes (the posterior mean for a gaussian bottleneck), (N, code_size): a grid's map
+        flattened. `labels`, in this and the other methods: each example's class (or attribute columns), which
+        only a conditional model (model.condition) needs."""
+        return _out(inference.codes(self.run, self.stored(x), self.batch_size, y=labels), numpy)
 
-    def decode(self, z, numpy: bool = False):
-        """Examples decoded from codes (N, latent_dim): the likelihood's mean, in the model's input space."""
+    def decode(self, z, numpy: bool = False, labels=None):
+        """Examples decoded from codes (N, code_size), or (N, *code_shape) for a grid: the likelihood's mean,
+        in the model's input space."""
         z = torch.as_tensor(np.asarray(z) if not isinstance(z, torch.Tensor) else z).float()
-        z = z[None] if z.dim() == 1 else z
-        if z.dim() != 2 or z.shape[1] != self.latent_dim:
-            raise UserError(f"codes of shape {tuple(z.shape)} do not fit this model: it needs (N, {self.latent_dim})")
-        return _out(inference.decoded(self.run, z, self.batch_size), numpy)
+        shape, size = self.autoencoder.code_shape, self.autoencoder.code_size
+        z = z[None] if z.dim() in (1, len(shape)) and tuple(z.shape[-len(shape):]) in ((size,), shape) else z
+        if tuple(z.shape[1:]) not in ((size,), shape):
+            need = f"(N, {size})" + (f" or (N, {', '.join(map(str, shape))})" if len(shape) > 1 else "")
+            raise UserError(f"codes of shape {tuple(z.shape)} do not fit this model: it needs {need}")
+        return _out(inference.decoded(self.run, z, self.batch_size, labels), numpy)
 
-    def reconstruct(self, x, numpy: bool = False):
+    def indices(self, x, numpy: bool = False, labels=None):
+        """A VQ model's code indices into its codebook, (N,) or (N, H, W) on a grid."""
+        self._quantized("indices")
+        return _out(inference.indices(self.run, self.stored(x), self.batch_size, labels), numpy)
+
+    def decode_indices(self, indices, numpy: bool = False, labels=None):
+        """Examples decoded from a VQ model's code indices (N,) or (N, H, W)."""
+        self._quantized("decode_indices")
+        i = torch.as_tensor(np.asarray(indices) if not isinstance(indices, torch.Tensor) else indices)
+        codes = self.autoencoder.bottleneck.codes
+        if i.is_floating_point() or tuple(i.shape[1:]) != self.autoencoder.grid or i.numel() and not 0 <= int(i.min()) <= int(i.max()) < codes:
+            raise UserError(f"indices of shape {tuple(i.shape)} do not fit this model: it needs whole numbers in "
+                            f"[0, {codes}) of shape (N{''.join(f', {s}' for s in self.autoencoder.grid)})")
+        return self.decode(inference.looked_up(self.run, i, self.batch_size), numpy, labels)
+
+    def _quantized(self, use: str) -> None:
+        if not isinstance(self.autoencoder.bottleneck, VQ):
+            raise UserError(f"{use} needs a quantized code (bottleneck=vq); this model has "
+                            f"bottleneck={self.autoencoder.bottleneck.name}")
+
+    def reconstruct(self, x, numpy: bool = False, labels=None):
         """x̂ from the deterministic code, in the model's input space."""
-        return _out(inference.reconstructions(self.run, self.stored(x), self.batch_size), numpy)
+        return _out(inference.reconstructions(self.run, self.stored(x), self.batch_size, labels), numpy)
 
-    def denoise(self, x, noise=None, seed: int = 0, numpy: bool = False):
+    def denoise(self, x, noise=None, seed: int = 0, numpy: bool = False, labels=None):
         """(corrupted, denoised): x through `noise` (a function of (batch, generator); default the model's own)
         with a seeded generator, then reconstructed."""
         noise = noise or self.autoencoder.noise
@@ -136,32 +162,41 @@ class Model:
         x = self.input(x)
         with torch.no_grad():
             x_tilde = noise(x, torch.Generator(device=x.device).manual_seed(seed))
-            out = x_tilde.cpu(), self.autoencoder.reconstruct(x_tilde).cpu()
+            y = inference.labels(self.run, labels)
+            out = x_tilde.cpu(), self.autoencoder.reconstruct(x_tilde, None if y is None else y.to(x.device)).cpu()
         return tuple(o.numpy() for o in out) if numpy else out
 
-    def sample(self, n: int, seed: int = 0, numpy: bool = False):
-        """n examples decoded from prior samples z ~ p(z) (a gaussian bottleneck)."""
+    def sample(self, n: int, seed: int = 0, numpy: bool = False, label=None, attributes=None):
+        """n examples decoded from prior samples z ~ p(z) (a gaussian bottleneck); a conditional model's of
+        one class (`label=7`) or with `attributes` (a list of names: those present, the others absent)."""
         require(is_integer(n) and n >= 1, "n", n, "a positive integer")
+        condition = self.autoencoder.condition
+        chosen = [c for c in (label, attributes) if c is not None]
+        if len(chosen) > 1:
+            raise UserError("give label= or attributes=, not both")
+        y = condition.of(chosen[0]).to(self.device) if chosen else None
         g = torch.Generator(device=self.device).manual_seed(seed)
-        out = self.autoencoder.sample(n, generator=g).cpu()
+        out = self.autoencoder.sample(n, generator=g, y=y).cpu()
         return out.numpy() if numpy else out
 
-    def log_likelihood(self, x, k: int = 100, seed: int = 0, numpy: bool = False):
+    def log_likelihood(self, x, k: int = 100, seed: int = 0, numpy: bool = False, labels=None):
         """IWAE estimate of log p(x) per example with k importance samples (a gaussian bottleneck)."""
         g = torch.Generator(device=self.device).manual_seed(seed)
-        iwae = (lambda b: self.autoencoder.log_likelihood(b, k, g, self.run.module.iwae_chunk))
-        return _out(inference.apply(self.run, iwae, self.stored(x), self.batch_size), numpy)
+        iwae = (lambda b, yb=None: self.autoencoder.log_likelihood(b, k, g, self.run.module.iwae_chunk, yb))
+        return _out(inference.apply(self.run, iwae, self.stored(x), self.batch_size, y=inference.labels(self.run, labels)), numpy)
 
-    def score(self, x, k: int = 100, seed: int = 0, numpy: bool = False) -> dict:
+    def score(self, x, k: int = 100, seed: int = 0, numpy: bool = False, labels=None) -> dict:
         """Per-example anomaly scores: `mse` (of the reconstruction), `recon_nll` (−log p(x|code)), and for a
         gaussian bottleneck `nll_iwae` (−log p(x), k importance samples); `score` is the last of these."""
-        out = anomaly.scores(self.run, self.stored(x), k, seed, self.batch_size)
+        out = anomaly.scores(self.run, self.stored(x), k, seed, self.batch_size, labels)
         return {k_: v.numpy() for k_, v in out.items()} if numpy else out
 
-    def interpolate(self, a, b, steps: int = 10, numpy: bool = False):
-        """Decoded straight latent paths from each example of `a` to the one of `b`: (N, steps, *shape)."""
+    def interpolate(self, a, b, steps: int = 10, numpy: bool = False, labels_a=None, labels_b=None):
+        """Decoded straight latent paths from each example of `a` to the one of `b`: (N, steps, *shape) (a
+        conditional model decodes each path with the labels of its start)."""
         require(is_integer(steps) and steps >= 2, "steps", steps, "an integer ≥ 2")
-        return _out(arithmetic.interpolation(self.run, self.stored(a), self.stored(b), steps, self.batch_size), numpy)
+        return _out(arithmetic.interpolation(self.run, self.stored(a), self.stored(b), steps, self.batch_size,
+                                             labels_a, labels_b), numpy)
 
     def evaluate(self, probe_examples: int = 10_000, seed: int = 0, progress: bool = True) -> dict[str, float]:
         """The test split's figures (Lightning's test loop), the reconstruction against PCA with as many
@@ -182,9 +217,9 @@ class Model:
         `from_` (default: all the others), over a split ("smiling face − neutral face = smile vector")."""
         return arithmetic.attribute_vector(self.run, to, from_, split, self.batch_size)
 
-    def shift(self, x, vector, strengths=(-2, -1, 0, 1, 2), numpy: bool = False):
+    def shift(self, x, vector, strengths=(-2, -1, 0, 1, 2), numpy: bool = False, labels=None):
         """x's codes moved along `vector` by each strength, decoded: (N, len(strengths), *shape)."""
-        return _out(arithmetic.shift(self.run, self.stored(x), vector, strengths, self.batch_size), numpy)
+        return _out(arithmetic.shift(self.run, self.stored(x), vector, strengths, self.batch_size, labels), numpy)
 
     def attribute_transfer(self, to, from_=None, strengths=(-2, -1, 0, 1, 2), n: int = 8,
                            probe_examples: int = 10_000, seed: int = 0) -> dict:

@@ -11,8 +11,9 @@ import torch
 from omegaconf import DictConfig
 
 from autoenc.model.bottlenecks import Stochastic
+from autoenc.model.quantize import VQ
 from autoenc.app.api import Model, load
-from autoenc.evaluation import anomaly, arithmetic
+from autoenc.evaluation import anomaly, arithmetic, inference
 from autoenc.training.runs import write_json
 from autoenc.util.errors import UserError, is_integer, require
 from autoenc.util.pictures import picture, save_png, square
@@ -105,11 +106,23 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 
 def sample(cfg: DictConfig) -> Path:
-    """A grid of n images decoded from prior samples z ~ p(z)."""
+    """A grid of n images decoded from prior samples z ~ p(z): of one label or with chosen attributes for a
+    conditional model; with neither, a row per label (the same prior draws in each row)."""
     model = load_model(cfg)
     needs_images(model, "sample")
-    x = model.sample(cfg.n, seed=cfg.seed)
-    return save_png(picture(square(x)), out_path(cfg, model, f"sample_n{cfg.n}_seed{cfg.seed}.png"))
+    label, attributes = cfg.get("label"), cfg.get("attributes")
+    given = model.autoencoder.condition.rows()
+    if label is None and attributes is None and given:
+        per = max(1, cfg.n // len(given))
+        rows = [model.sample(per, seed=cfg.seed, label=y.tolist() if y.dim() == 0 else None,
+                             attributes=[name] if y.dim() else None) for name, y in given]
+        return save_png(picture(rows, [name for name, _ in given]),
+                        out_path(cfg, model, f"sample_n{per}_per_label_seed{cfg.seed}.png"))
+    x = model.sample(cfg.n, seed=cfg.seed, label=label,
+                     attributes=None if attributes is None else list(attributes))
+    chosen = "" if label is None and attributes is None else (
+        f"_label{label}" if label is not None else "_" + "+".join(map(str, attributes)))
+    return save_png(picture(square(x)), out_path(cfg, model, f"sample_n{cfg.n}{chosen}_seed{cfg.seed}.png"))
 
 
 def reconstruct(cfg: DictConfig) -> Path:
@@ -118,7 +131,7 @@ def reconstruct(cfg: DictConfig) -> Path:
     needs_images(model, "reconstruct")
     data = inputs(cfg, model)
     x = model.input(data.x[:cfg.n]).cpu()
-    rows, labels = chunked_rows([x, model.reconstruct(data.x[:cfg.n])], ["input", "reconstruction"])
+    rows, labels = chunked_rows([x, model.reconstruct(data.x[:cfg.n], labels=data.y[:cfg.n])], ["input", "reconstruction"])
     return save_png(picture(rows, labels), out_path(cfg, model, f"reconstruct_{data.source}.png"))
 
 
@@ -132,7 +145,8 @@ def denoise(cfg: DictConfig) -> Path:
     needs_images(model, "denoise")
     data = inputs(cfg, model)
     x = model.input(data.x[:cfg.n]).cpu()
-    x_tilde, x_hat = model.denoise(data.x[:cfg.n], instantiate(cfg.noise) if cfg.get("noise") else None, cfg.seed)
+    x_tilde, x_hat = model.denoise(data.x[:cfg.n], instantiate(cfg.noise) if cfg.get("noise") else None, cfg.seed,
+                                   labels=data.y[:cfg.n])
     print(f"PSNR {float(metrics.psnr(x_tilde, x)):.2f} dB corrupted → {float(metrics.psnr(x_hat, x)):.2f} dB denoised")
     settings = "_".join(f"{k}{v}" for k, v in (cfg.noise or {}).items() if not k.startswith("_"))
     rows, labels = chunked_rows([x, x_tilde, x_hat], ["clean", "noisy", "denoised"])
@@ -144,11 +158,17 @@ def encode(cfg: DictConfig) -> Path:
     files of input=) or `index` (the positions in the split), as .npz."""
     model = load_model(cfg)
     data = inputs(cfg, model)
-    code = model.encode(data.x, numpy=True)
+    code = model.encode(data.x, numpy=True, labels=data.y)
     path = out_path(cfg, model, f"encode_{data.source}.npz")
     name = name_column(cfg)
-    np.savez(path, code=code, label=data.y.numpy(), **{name: data.names})
-    print(f"wrote {path} (code: {len(code)}×{model.latent_dim}, label, {name}: {len(code)})")
+    quantized = isinstance(model.autoencoder.bottleneck, VQ)
+    extra = {"indices": model.indices(data.x, numpy=True, labels=data.y)} if quantized else {}
+    np.savez(path, code=code, label=data.y.numpy(), **{name: data.names}, **extra)
+    grid = model.autoencoder.grid
+    shape = f" (the {'×'.join(map(str, model.autoencoder.code_shape))} grid, flattened)" if grid else ""
+    print(f"wrote {path} (code: {len(code)}×{code.shape[1]}{shape}, label, {name}: {len(code)}"
+          + (f", indices: {'×'.join(map(str, extra['indices'].shape))} into {model.autoencoder.bottleneck.codes} codes"
+             if quantized else "") + ")")
     return path
 
 
@@ -169,12 +189,15 @@ def decode(cfg: DictConfig) -> Path:
         with loaded:
             arrays = dict(loaded)
     code = arrays.get("code")
-    if code is None or code.ndim != 2 or code.shape[1] != model.latent_dim:
-        raise UserError(f"codes={src} needs an array `code` of shape (N, {model.latent_dim}); "
+    if isinstance(model.autoencoder.bottleneck, VQ) and "indices" in arrays:
+        x_hat = model.decode_indices(arrays["indices"], labels=arrays.get("label"))  # the indices are the code
+    elif code is None or code.ndim != 2 or code.shape[1] != model.autoencoder.code_size:
+        raise UserError(f"codes={src} needs an array `code` of shape (N, {model.autoencoder.code_size}); "
                         f"it has {'none' if code is None else tuple(code.shape)}")
-    x_hat = model.decode(code)
+    else:
+        x_hat = model.decode(code, labels=arrays.get("label"))
     path = out_path(cfg, model, f"decode_{src.stem}.npz")
-    np.savez(path, x_hat=x_hat.numpy(), **{k: v for k, v in arrays.items() if k != "code"})
+    np.savez(path, x_hat=x_hat.numpy(), **{k: v for k, v in arrays.items() if k not in ("code", "indices")})
     print(f"wrote {path} (x_hat: {tuple(x_hat.shape)})")
     if len(model.shape) == 3:
         save_png(picture(square(x_hat[:cfg.n])), path.with_suffix(".png"))
@@ -193,11 +216,15 @@ def interpolate(cfg: DictConfig) -> Path:
     if pairs < cfg.pairs:
         print(f"{data.source} has {len(data.x)} images: {pairs} pairs, not {cfg.pairs}")
     a, b = model.input(data.x[:pairs]).cpu(), model.input(data.x[pairs:2 * pairs]).cpu()
-    paths = model.interpolate(data.x[:pairs], data.x[pairs:2 * pairs], cfg.steps)
+    paths = model.interpolate(data.x[:pairs], data.x[pairs:2 * pairs], cfg.steps, labels_a=data.y[:pairs],
+                              labels_b=data.y[pairs:2 * pairs])
     path = save_png(picture([torch.cat([a[i:i + 1], paths[i], b[i:i + 1]]) for i in range(pairs)]),
                     out_path(cfg, model, f"interpolate_{data.source}_pairs{pairs}_steps{cfg.steps}.png"))
-    if isinstance(model.autoencoder.bottleneck, Stochastic):
-        rows = list(arithmetic.traversal(model.run, model.stored(data.x[:1]), cfg.steps, cfg.traversal, model.batch_size))
+    if isinstance(model.autoencoder.bottleneck, Stochastic) and model.autoencoder.grid:
+        print("no traversal: a grid's code has a value per position, too many to sweep one by one")
+    elif isinstance(model.autoencoder.bottleneck, Stochastic):
+        rows = list(arithmetic.traversal(model.run, model.stored(data.x[:1]), cfg.steps, cfg.traversal, model.batch_size,
+                                         inference.labels(model.run, data.y[:1])))
         labels = [f"z{i + 1}" for i in range(len(rows))]
         save_png(picture(rows, labels), path.with_name(f"{path.stem}_traversal{path.suffix}"))
     return path
@@ -209,7 +236,7 @@ def score(cfg: DictConfig) -> Path:
     the other labels from those."""
     model = load_model(cfg)
     data = inputs(cfg, model)
-    scores = model.score(data.x, k=cfg.eval.iwae_samples, seed=cfg.seed, numpy=True)
+    scores = model.score(data.x, k=cfg.eval.iwae_samples, seed=cfg.seed, numpy=True, labels=data.y)
     table = {name_column(cfg): data.names, "label": data.y.numpy(), **scores}
     path = out_path(cfg, model, f"score_{data.source}.csv")
     write_table(path, table)

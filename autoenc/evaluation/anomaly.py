@@ -13,22 +13,22 @@ from autoenc.training.runs import Run
 from autoenc.util.errors import UserError
 
 
-def scores(run: Run, x, k: int = 100, seed: int = 0, batch_size: int = 1024) -> dict[str, torch.Tensor]:
+def scores(run: Run, x, k: int = 100, seed: int = 0, batch_size: int = 1024, y=None) -> dict[str, torch.Tensor]:
     """Per-example scores of stored examples: `mse` (of the reconstruction), `recon_nll` (−log p(x|code)),
     and a Stochastic bottleneck's own (`nll_iwae`: −log p(x), k importance samples); `score` is the last of these, else `mse`."""
     ae = run.autoencoder
     g = torch.Generator(device=inference.device(run)).manual_seed(seed)
 
-    def columns(b):
-        logits = ae.decode(ae.encode(b).code)
+    def columns(b, yb=None):
+        logits = ae.decode(ae.encode(b, y=yb).code, yb)
         cols = {"mse": (ae.likelihood.mean(logits) - b).pow(2).flatten(1).mean(1),
                 "recon_nll": ae.likelihood.nll(logits, b),
-                **ae.bottleneck.scores(ae, b, k, g, run.module.iwae_chunk)}
+                **ae.bottleneck.scores(ae, b, k, g, run.module.iwae_chunk, yb)}
         return torch.stack([cols[name] for name in names], 1)
 
     extra = ae.bottleneck.score_names
     names = ["mse", "recon_nll", *extra]
-    table = inference.apply(run, columns, x, batch_size)
+    table = inference.apply(run, columns, x, batch_size, y=inference.labels(run, y))
     out = {name: table[:, i] for i, name in enumerate(names)}
     out["score"] = out[extra[-1] if extra else "mse"]
     return out

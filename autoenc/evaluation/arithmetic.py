@@ -13,24 +13,27 @@ from autoenc.training.runs import Run
 from autoenc.util.errors import UserError
 
 
-def interpolation(run: Run, a, b, steps: int, batch_size: int) -> torch.Tensor:
-    """Decoded straight latent paths from each stored example of `a` to the one of `b`: (N, steps, *shape)."""
-    za, zb = inference.codes(run, a, batch_size), inference.codes(run, b, batch_size)
+def interpolation(run: Run, a, b, steps: int, batch_size: int, ya=None, yb=None) -> torch.Tensor:
+    """Decoded straight latent paths from each stored example of `a` to the one of `b`: (N, steps, *shape).
+    A conditional model decodes each path with the labels of its start, `ya`."""
+    za, zb = inference.codes(run, a, batch_size, y=ya), inference.codes(run, b, batch_size, y=yb)
     if len(za) != len(zb):
         raise UserError(f"interpolate needs as many examples in a as in b ({len(za)} vs {len(zb)})")
     t = torch.linspace(0, 1, steps).view(1, -1, 1)
     z = (1 - t) * za[:, None] + t * zb[:, None]
-    x = inference.decoded(run, z.flatten(0, 1), batch_size)
+    along = None if ya is None else torch.as_tensor(ya).repeat_interleave(steps, 0)
+    x = inference.decoded(run, z.flatten(0, 1), batch_size, along)
     return x.view(len(za), steps, *x.shape[1:])
 
 
-def traversal(run: Run, x, steps: int, span: float, batch_size: int) -> torch.Tensor:
+def traversal(run: Run, x, steps: int, span: float, batch_size: int, y=None) -> torch.Tensor:
     """Row i sweeps dimension i of the first stored example's code over [−span, span]: (d, steps, *shape)."""
-    z0 = inference.codes(run, x[:1], batch_size)[0]
+    y0 = None if y is None else torch.as_tensor(y)[:1]
+    z0 = inference.codes(run, x[:1], batch_size, y=y0)[0]
     d = len(z0)
     z = z0.expand(d, steps, d).clone()
     z[torch.arange(d), :, torch.arange(d)] = torch.linspace(-span, span, steps)
-    decoded = inference.decoded(run, z.flatten(0, 1), batch_size)
+    decoded = inference.decoded(run, z.flatten(0, 1), batch_size, None if y0 is None else y0.expand(d * steps, *y0.shape[1:]))
     return decoded.view(d, steps, *decoded.shape[1:])
 
 
@@ -63,15 +66,19 @@ def attribute_vector(run: Run, to, from_=None, split: str = "train", batch_size:
     if torch.equal(with_from, with_to):
         raise UserError(f"from={from_} and to={to} name the same group, whose attribute vector is zero; choose "
                         "two different labels or attributes, or leave from= out (all the others)")
-    codes = inference.codes(run, inference.split(run, split)[0], batch_size)
+    x, y = inference.split(run, split)
+    codes = inference.codes(run, x, batch_size, y=y)
     return codes[with_to].mean(0) - codes[with_from].mean(0)
 
 
-def shift(run: Run, x, vector, strengths, batch_size: int) -> torch.Tensor:
-    """The codes of stored examples x moved along `vector` by each strength, decoded: (N, len(strengths), *shape)."""
-    z = inference.codes(run, x, batch_size)
+def shift(run: Run, x, vector, strengths, batch_size: int, y=None) -> torch.Tensor:
+    """The codes of stored examples x moved along `vector` by each strength, decoded: (N, len(strengths), *shape)
+    (a conditional model keeps each example's own labels y)."""
+    z = inference.codes(run, x, batch_size, y=y)
     s = torch.as_tensor(list(strengths), dtype=z.dtype).view(1, -1, 1)
-    moved = inference.decoded(run, (z[:, None] + s * torch.as_tensor(vector)[None, None]).flatten(0, 1).float(), batch_size)
+    along = None if y is None else torch.as_tensor(y).repeat_interleave(len(strengths), 0)
+    moved = inference.decoded(run, (z[:, None] + s * torch.as_tensor(vector)[None, None]).flatten(0, 1).float(),
+                              batch_size, along)
     return moved.view(len(z), len(strengths), *moved.shape[1:])
 
 
@@ -82,13 +89,14 @@ def attribute_transfer(run: Run, to, from_=None, strengths=(-2, -1, 0, 1, 2), n:
     shifted, decoded examples that a linear probe fitted on real training examples (input space, `to`
     against the rest) assigns to `to`. Returns the vector, the examples, the shifted decodings, shares."""
     vector = attribute_vector(run, to, from_, "train", batch_size)
-    x_te, _ = inference.split(run, "test")
+    x_te, y_te = inference.split(run, "test")
     chosen = (~members(run, to, "test") if from_ is None else members(run, from_, "test")).nonzero().flatten()
     if not len(chosen):
         raise UserError(f"no test example has {from_!r} to move toward {to!r}")
     chosen = chosen[torch.randperm(len(chosen), generator=torch.Generator().manual_seed(seed))[:n]].sort().values
-    x = inference.model_input(run, x_te[chosen.numpy()] if isinstance(x_te, Rows) else x_te[chosen]).cpu()
-    moved = shift(run, x, vector, strengths, batch_size)
+    stored = x_te[chosen.numpy()] if isinstance(x_te, Rows) else x_te[chosen]
+    x = inference.model_input(run, stored).cpu()
+    moved = shift(run, stored, vector, strengths, batch_size, y_te[chosen])  # (stored: shift transforms them once)
     x_tr, _ = inference.split(run, "train")
     keep, x_tr_in = training_sample(run, x_tr, probe_examples, seed, batch_size)
     target = members(run, to, "train")[keep]

@@ -59,19 +59,19 @@ def evaluate(run: Run, probe_examples: int = 10_000, seed: int = 0, progress: bo
     x_te, y_te = dm.evaluation_split("test")
     x_te_in = inference.inputs(run, x_te, batch_size)
     # mse and psnr of clean test examples through the deterministic code: the figures PCA competes with
-    x_hat = inference.reconstructions(run, x_te, batch_size)
+    x_hat = inference.reconstructions(run, x_te, batch_size, y_te)
     figures["mse"] = metrics.mse(x_hat, x_te_in)
     if len(ae.shape) == 3 and dm.standardize is False:
         figures["psnr"] = float(metrics.psnr(x_hat, x_te_in))
     keep, x_tr_in = training_sample(run, x_tr, probe_examples, seed, batch_size)
     y_tr = y_tr.cpu()[keep]
-    components = ae.bottleneck.active_size(ae.latent_dim)
+    components = ae.bottleneck.active_size(ae.code_size)
     print(f"fitting PCA ({components} components) and linear probes on {len(x_tr_in)} training examples…", flush=True)
     active = int(figures.get("active_units", components))  # a VAE's units that carry information
     figures |= pca_figures(x_tr_in, x_te_in, components, active)
     y_te = y_te.cpu()
     if bool((y_te >= 0).all()):
-        codes_tr = inference.codes(run, x_tr_in, batch_size, prepared=True)
-        codes_te = inference.codes(run, x_te_in, batch_size, prepared=True)
+        codes_tr = inference.codes(run, x_tr_in, batch_size, prepared=True, y=y_tr)
+        codes_te = inference.codes(run, x_te_in, batch_size, prepared=True, y=y_te)
         figures |= probe_figures(codes_tr, y_tr, codes_te, y_te, x_tr_in, x_te_in)
     return figures

@@ -128,7 +128,8 @@ class Bottleneck(nn.Module):
 
     score_names: tuple[str, ...] = ()  # what `scores` returns
 
-    def scores(self, autoencoder, x: torch.Tensor, k: int, generator=None, chunk: int = 100) -> dict[str, torch.Tensor]:
+    def scores(self, autoencoder, x: torch.Tensor, k: int, generator=None, chunk: int = 100,
+               y=None) -> dict[str, torch.Tensor]:
         """Per-example scores of x this code gives beyond the reconstruction's (none here)."""
         return {}
 
@@ -147,9 +148,9 @@ class Stochastic(Bottleneck, ABC):
 
     score_names = ("nll_iwae",)
 
-    def scores(self, autoencoder, x, k, generator=None, chunk=100):
-        """−log p(x) per example, the IWAE estimate with k importance samples."""
-        return {"nll_iwae": -autoencoder.log_likelihood(x, k, generator, chunk)}
+    def scores(self, autoencoder, x, k, generator=None, chunk=100, y=None):
+        """−log p(x) per example (given y), the IWAE estimate with k importance samples."""
+        return {"nll_iwae": -autoencoder.log_likelihood(x, k, generator, chunk, y)}
 
 
 class Linear(Bottleneck):

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from autoenc.model.bottlenecks import Bottleneck, Latent, Linear, Pass, Stochastic
+from autoenc.model.conditions import Condition
 from autoenc.util.errors import UserError, is_number, require
 from autoenc.model.likelihoods import Bernoulli
 from autoenc.model.penalties import Penalty, jacobian_sq
@@ -33,7 +34,7 @@ class Autoencoder(nn.Module):
 
     def __init__(self, net, shape, latent_dim: int = 16, bottleneck: Bottleneck | None = None,
                  likelihood: nn.Module | None = None, noise=None, penalty: Penalty | None = None,
-                 weight_penalty: float = 0.0):
+                 weight_penalty: float = 0.0, condition: Condition | None = None):
         super().__init__()
         require(isinstance(latent_dim, int) and not isinstance(latent_dim, bool) and latent_dim >= 1,
                 "model.latent_dim", latent_dim, "a positive integer")
@@ -42,8 +43,12 @@ class Autoencoder(nn.Module):
         self.shape, self.latent_dim = tuple(shape), latent_dim
         self.bottleneck = bottleneck if bottleneck is not None else Linear()
         self.likelihood = likelihood if likelihood is not None else Bernoulli()
-        self.encoder, self.decoder = net(shape=self.shape, latent_dim=latent_dim,
-                                         head_dim=self.bottleneck.head_dim(latent_dim))
+        self.condition = condition or Condition()
+        head_dim, k = self.bottleneck.head_dim(latent_dim), self.condition.width
+        self.encoder, self.decoder = net(shape=self.shape, latent_dim=latent_dim, head_dim=head_dim)
+        if k:  # the condition: extra input channels (or features) of the encoder, extra code channels of the decoder
+            self.encoder, _ = net(shape=(self.shape[0] + k, *self.shape[1:]), latent_dim=latent_dim, head_dim=head_dim)
+            _, self.decoder = net(shape=self.shape, latent_dim=latent_dim + k, head_dim=head_dim)
         self.grid = self._grid()
         self.noise, self.penalty = noise, penalty or Penalty()
         if self.grid and not (self.bottleneck.per_position and self.penalty.per_position):
@@ -62,7 +67,7 @@ class Autoencoder(nn.Module):
         one pass of an empty example (in eval mode, so no norm's statistics move)."""
         training = self.encoder.training
         with torch.no_grad():
-            h = self.encoder.eval()(torch.zeros(1, *self.shape))
+            h = self.encoder.eval()(torch.zeros(1, self.shape[0] + self.condition.width, *self.shape[1:]))
         self.encoder.train(training)
         return tuple(h.shape[2:])
 
@@ -71,32 +76,39 @@ class Autoencoder(nn.Module):
         """One example's code: (latent_dim,) or (latent_dim, H, W) on a grid."""
         return (self.latent_dim, *self.grid)
 
+    @property
+    def code_size(self) -> int:
+        """How many values one example's code has (a grid's, flattened)."""
+        return math.prod(self.code_shape)
+
     def corrupt(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """The encoder's input x̃: x with this model's noise (x itself without one)."""
         return x if self.noise is None else self.noise(x, generator)
 
-    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Latent:
-        return self.bottleneck(self.encoder(x), generator)
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None, y=None) -> Latent:
+        """The code of x (given labels y, for a conditional model)."""
+        return self.bottleneck(self.encoder(self.condition.join(x, self.condition.vector(y, len(x)))), generator)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Logits; the likelihood owns the output activation."""
-        return self.decoder(z)
+    def decode(self, z: torch.Tensor, y=None) -> torch.Tensor:
+        """Logits of codes z (given labels y, for a conditional model); the likelihood owns the output activation."""
+        return self.decoder(self.condition.join(z, self.condition.vector(y, len(z))))
 
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, x: torch.Tensor, y=None) -> torch.Tensor:
         """x̂ from the deterministic code (the posterior mean where there is one)."""
-        return self.likelihood.mean(self.decode(self.encode(x).code))
+        return self.likelihood.mean(self.decode(self.encode(x, y=y).code, y))
 
     def forward(self, x: torch.Tensor, x_tilde: torch.Tensor | None = None, progress: float | None = None,
-                generator: torch.Generator | None = None) -> Output:
+                generator: torch.Generator | None = None, y=None) -> Output:
         """The loss of reconstructing the clean x from x̃ (default x), and its parts. `progress`: epochs of
         training done (the bottleneck's warm-up and AuxK act only in training, where it is given);
-        `generator`: the randomness of sampling and of estimated penalties."""
+        `generator`: the randomness of sampling and of estimated penalties; `y`: a conditional model's labels."""
         x_tilde = x if x_tilde is None else x_tilde
-        latent = self.encode(x_tilde, generator)
-        logits = self.decode(latent.z)
+        latent = self.encode(x_tilde, generator, y)
+        decode = partial(self.decode, y=y)
+        logits = decode(latent.z)
         recon = self.likelihood.nll(logits, x).mean()
-        extra, terms = self.bottleneck.terms(latent, Pass(x, logits, recon, self.decode, self.likelihood.nll, progress))
-        jacobian = partial(self.jacobian_sq, x_tilde, latent.code) if self.penalty.needs_jacobian else None
+        extra, terms = self.bottleneck.terms(latent, Pass(x, logits, recon, decode, self.likelihood.nll, progress))
+        jacobian = partial(self.jacobian_sq, x_tilde, latent.code, y=y) if self.penalty.needs_jacobian else None
         penalty, figures = self.penalty(latent.code, jacobian=jacobian, generator=generator)
         decay = self.weight_penalty / 2 * sum(w.pow(2).sum() for w in self.weights()) if self.weight_penalty else None
         loss = recon
@@ -113,10 +125,10 @@ class Autoencoder(nn.Module):
                 if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() >= 2]
 
     def jacobian_sq(self, x: torch.Tensor, code: torch.Tensor, method: str = "auto", projections: int = 1,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+                    generator: torch.Generator | None = None, y=None) -> torch.Tensor:
         """‖∂code/∂x‖²_F per example (code: this model's code of x), by `method` (penalties.jacobian_sq)."""
         with self.bottleneck.fixed():
-            return jacobian_sq(lambda v: self.encode(v).code, self.encoder, self.bottleneck, x, code, method,
+            return jacobian_sq(lambda v: self.encode(v, y=y).code, self.encoder, self.bottleneck, x, code, method,
                                projections, generator)
 
     # ---- what a Stochastic bottleneck brings: prior samples and the IWAE bound -------------
@@ -128,24 +140,26 @@ class Autoencoder(nn.Module):
         return self.bottleneck
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """n examples decoded from prior samples z ~ p(z) (a Stochastic bottleneck only)."""
+    def sample(self, n: int, generator: torch.Generator | None = None, y=None) -> torch.Tensor:
+        """n examples decoded from prior samples z ~ p(z) (a Stochastic bottleneck only), with labels y (one
+        for all, or one each) for a conditional model."""
         device = next(self.parameters()).device
         prior = self.stochastic("no prior to sample from", "; try reconstruct or interpolate").prior_sample
-        return self.likelihood.mean(self.decode(prior(n, generator, device)))
+        return self.likelihood.mean(self.decode(prior(n, generator, device), y))
 
     @torch.no_grad()
     def log_likelihood(self, x: torch.Tensor, k: int, generator: torch.Generator | None = None,
-                       chunk: int = 100) -> torch.Tensor:
-        """IWAE estimate of log p(x) per example with k importance samples (Burda et al. 2015, eq. 8),
-        decoding `chunk` samples at a time."""
+                       chunk: int = 100, y=None) -> torch.Tensor:
+        """IWAE estimate of log p(x) per example (given labels y, for a conditional model) with k importance
+        samples (Burda et al. 2015, eq. 8), decoding `chunk` samples at a time."""
         bottleneck = self.stochastic("no posterior and prior, so no likelihood bound (log_likelihood, IWAE)")
-        h = self.encoder(x).float()  # float32 even under bf16 autocast
+        c = self.condition.vector(y, len(x))
+        h = self.encoder(self.condition.join(x, c)).float()  # float32 even under bf16 autocast
         parts = []
         for start in range(0, k, chunk):
             n = min(chunk, k - start)
             z, log_w = bottleneck.importance_samples(h, n, generator)  # (n, B, d), log p(z) − log q(z|x)
-            logits = self.decode(z.flatten(0, 1)).float()
+            logits = self.decoder(self.condition.join(z.flatten(0, 1), None if c is None else c.repeat(n, 1))).float()
             log_px = -self.likelihood.nll(logits, x.repeat(n, *[1] * (x.dim() - 1))).view(n, -1)
             parts.append(log_px + log_w)
         return torch.logsumexp(torch.cat(parts), 0) - math.log(k)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from autoenc.model.bottlenecks import Stochastic
+from autoenc.model.quantize import VQ
 from autoenc.model.ranks import global_batch_mean
 from autoenc.util.errors import UserError, is_integer, is_number, require
 
@@ -43,7 +44,11 @@ class Penalty:
 class L1(Penalty):
     """λ · Σ_j |z_j| per example: drives codes to exactly zero on a ReLU bottleneck (sparse AE)."""
 
+    needs = "a continuous code"
     per_position = False
+
+    def accepts(self, bottleneck):
+        return not isinstance(bottleneck, VQ)  # a codebook vector's size is not the encoder's to shrink
 
     def __init__(self, weight: float = 0.01):
         super().__init__(weight)
@@ -79,7 +84,7 @@ def kl_sparsity(rho_hat: torch.Tensor, rho: float) -> torch.Tensor:
 class Contractive(Penalty):
     """λ · ‖∂z/∂x̃‖²_F per example, averaged (Rifai et al. 2011), computed by `method`."""
 
-    needs = "a deterministic code"
+    needs = "a deterministic, continuous code"
     needs_jacobian = True
     per_position = False
 
@@ -90,7 +95,7 @@ class Contractive(Penalty):
         self.method, self.projections = method, projections
 
     def accepts(self, bottleneck):
-        return not isinstance(bottleneck, Stochastic)
+        return not isinstance(bottleneck, (Stochastic, VQ))  # a quantized code's Jacobian is zero almost everywhere
 
     def __call__(self, code, jacobian=None, generator=None):
         sq = jacobian(self.method, self.projections, generator)

@@ -134,16 +134,24 @@ class Pictures(Callback):
         if trainer.sanity_checking or len(ae.shape) != 3:
             return
         if self.n:
-            x, _ = fixed_examples(trainer, "val", self.n, pl_module.device)
+            x, y = fixed_examples(trainer, "val", self.n, pl_module.device)
             x_tilde = ae.corrupt(x, torch.Generator(device=x.device).manual_seed(pl_module.noise_seed))
             rows, labels = [x], ["input"]
             if ae.noise is not None:
                 rows, labels = rows + [x_tilde], labels + ["noisy"]
-            rows, labels = rows + [ae.reconstruct(x_tilde)], labels + ["denoised" if ae.noise is not None else "reconstruction"]
+            rows, labels = rows + [ae.reconstruct(x_tilde, y)], labels + ["denoised" if ae.noise is not None else "reconstruction"]
             publish(trainer, "val/reconstructions", picture(rows, labels), self.dir / "reconstructions.png")
         if self.samples and isinstance(ae.bottleneck, Stochastic):
-            x = ae.sample(self.samples, generator=torch.Generator(device=pl_module.device).manual_seed(self.seed))
-            publish(trainer, "val/samples", picture(square(x)), self.dir / "samples.png")
+            g = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+            given = ae.condition.rows()
+            if given:  # a conditional model: a row of samples per label (the same prior draws in each row)
+                n = max(1, self.samples // len(given))
+                z = ae.bottleneck.prior_sample(n, g, pl_module.device)
+                rows = [ae.likelihood.mean(ae.decode(z, y)) for _, y in given]
+                publish(trainer, "val/samples", picture(rows, [name for name, _ in given]), self.dir / "samples.png")
+            else:
+                x = ae.sample(self.samples, generator=g)
+                publish(trainer, "val/samples", picture(square(x)), self.dir / "samples.png")
         if self.manifold and ae.code_shape == (2,):
             # Points at evenly spaced quantiles of N(0, 1), as in Kingma & Welling (2014), fig. 4.
             q = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, self.manifold))

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from autoenc.model.core import Autoencoder
 from autoenc.util.errors import is_integer, is_number, require
 from autoenc.model.metrics import SplitStatistics, psnr
+from autoenc.model.conditions import Condition
 from autoenc.model.penalties import Penalty
 from autoenc.util.seeds import Stream, derive
 
@@ -41,13 +42,14 @@ class AutoencoderModule(pl.LightningModule):
     def __init__(self, net, shape, bottleneck=None, likelihood=None, latent_dim: int = 16, noise=None,
                  penalty: Penalty | None = None, optimizer=None, scheduler=None, lr_schedule=None,
                  iwae_samples: int = 0, iwae_chunk: int = 100, seed: int = 0, noise_seed: int = 1234,
-                 compile: bool = False, weight_penalty: float = 0.0):
+                 compile: bool = False, weight_penalty: float = 0.0, condition: str | None = None, labels=None):
         super().__init__()
         require(is_integer(iwae_samples) and iwae_samples >= 0, "model.iwae_samples", iwae_samples, "an integer ≥ 0")
         require(is_integer(iwae_chunk) and iwae_chunk >= 1, "model.iwae_chunk", iwae_chunk, "a positive integer")
         interval = (lr_schedule or {}).get("interval", "epoch")
         require(interval in ("step", "epoch"), "model.lr_schedule.interval", interval, "step or epoch")
-        self.autoencoder = Autoencoder(net, shape, latent_dim, bottleneck, likelihood, noise, penalty, weight_penalty)
+        self.autoencoder = Autoencoder(net, shape, latent_dim, bottleneck, likelihood, noise, penalty, weight_penalty,
+                                       Condition.named(condition, labels))
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-3)
         lr = getattr(self.optimizer_factory, "keywords", {}).get("lr", 1e-3)
         require(not is_number(lr) or lr > 0, "model.optimizer.lr", lr, "a number > 0")
@@ -63,9 +65,9 @@ class AutoencoderModule(pl.LightningModule):
             self.autoencoder.encoder.compile()
             self.autoencoder.decoder.compile()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y=None) -> torch.Tensor:
         """Reconstruction from the deterministic code (the posterior mean where there is one)."""
-        return self.autoencoder.reconstruct(x)
+        return self.autoencoder.reconstruct(x, y)
 
     def generator(self, stage: str, name: str, device) -> torch.Generator:
         """The generator of one source of randomness (`noise`, `model` sampling) for this stage. Training
@@ -85,15 +87,15 @@ class AutoencoderModule(pl.LightningModule):
         return g
 
     def _shared_step(self, batch, stage: str, progress: float | None = None) -> dict[str, torch.Tensor]:
-        x, _ = batch
+        x, y = batch
         ae = self.autoencoder
         x_tilde = ae.corrupt(x, self.generator(stage, "noise", x.device))
-        out = ae(x, x_tilde, progress, self.generator(stage, "model", x.device))
+        out = ae(x, x_tilde, progress, self.generator(stage, "model", x.device), y)
         terms = out.terms
         if stage == "train":
             return terms
         latent = out.latent
-        logits = out.logits if latent.z is latent.code else ae.decode(latent.code)  # the deterministic code
+        logits = out.logits if latent.z is latent.code else ae.decode(latent.code, y)  # the deterministic code
         x_hat = ae.likelihood.mean(logits)
         self.statistics.update(latent.code, ae.bottleneck.tally(latent), x, x_hat)
         terms["mse"] = F.mse_loss(x_hat, x)
@@ -134,10 +136,10 @@ class AutoencoderModule(pl.LightningModule):
     def test_step(self, batch, batch_idx):
         self._shared_step(batch, "test")
         if self.iwae_samples:
-            x = batch[0]  # the clean x: with noise= any q(z|x) is still a valid proposal
+            x, y = batch  # the clean x: with noise= any q(z|x) is still a valid proposal
             g = self.generator("test", "iwae", x.device)
             ae = self.autoencoder
-            for name, score in ae.bottleneck.scores(ae, x, self.iwae_samples, g, self.iwae_chunk).items():
+            for name, score in ae.bottleneck.scores(ae, x, self.iwae_samples, g, self.iwae_chunk, y).items():
                 self.log(f"test/{name}", score.mean(), batch_size=len(x), sync_dist=True)
 
     def _end_epoch(self, stage: str) -> None:

@@ -3,6 +3,7 @@ trained run from its directory; shared by `train`, the commands, the Python API,
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -107,19 +108,43 @@ def build(cfg: DictConfig):
 
 
 def resolved(cfg: DictConfig, datamodule) -> DictConfig:
-    """likelihood=auto: a copy of `cfg` with the likelihood the training split's range chooses
-    (likelihoods.Auto), said in one line; any other config as it is."""
+    """What the data decides, in a copy of `cfg` (what checkpoints store), each said in one line:
+    likelihood=auto, the likelihood the training split's range chooses (likelihoods.Auto); a conditional
+    model's labels left null, the training split's classes or attribute names. Any other config as it is."""
     from autoenc.model.likelihoods import Auto
 
+    decided = {}
     chooser = instantiate(cfg.likelihood) if cfg.get("likelihood") else None
-    if not isinstance(chooser, Auto):
+    if isinstance(chooser, Auto):
+        lo, hi = datamodule.value_range()
+        decided["likelihood"] = chooser.choose((lo, hi))
+        log.info(f"likelihood=auto: {decided['likelihood']._target_.rsplit('.', 1)[-1]} "
+                 f"(the training data spans [{lo:.4g}, {hi:.4g}])")
+    if cfg.model.get("condition") and cfg.model.get("labels") is None:
+        decided["model.labels"] = labels_of(datamodule, cfg.model.condition)
+        log.info(f"model.condition={cfg.model.condition}: model.labels={decided['model.labels']} (from the training data)")
+    if not decided:
         return cfg
-    lo, hi = datamodule.value_range()
-    chosen = cfg.copy()
-    chosen.likelihood = chooser.choose((lo, hi))
-    log.info(f"likelihood=auto: {chosen.likelihood._target_.rsplit('.', 1)[-1]} "
-             f"(the training data spans [{lo:.4g}, {hi:.4g}])")
+    chosen = copy.deepcopy(cfg)
+    for key, value in decided.items():
+        OmegaConf.update(chosen, key, value, merge=False)
     return chosen
+
+
+def labels_of(datamodule, condition: str):
+    """What a conditional model is conditioned on, from the training split: the number of classes (label) or
+    the attribute names (attributes)."""
+    y = datamodule.splits["train"][1]
+    names = list(getattr(datamodule, "attribute_names", []) or [])
+    if condition == "attributes":
+        if y.dim() != 2 or len(names) != y.shape[1]:
+            raise UserError("model.condition=attributes needs data with named attribute columns, such as "
+                            "data=celeba data.target=all; for class labels use model.condition=label")
+        return names
+    if y.dim() != 1 or int(y.min()) < 0:
+        raise UserError("model.condition=label needs a class label for every training example; this data "
+                        f"has {'attribute columns (use model.condition=attributes)' if y.dim() == 2 else 'none'}")
+    return int(y.max()) + 1
 
 
 def instantiate(node, **kwargs):
