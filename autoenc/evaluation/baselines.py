@@ -7,6 +7,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from autoenc.model.bottlenecks import Stochastic
+from autoenc.model.conditions import Label
 from autoenc.data.module import subset
 from autoenc.evaluation import inference
 from autoenc.model import metrics
@@ -49,6 +51,22 @@ def probe_figures(codes_train, y_train, codes_test, y_test, x_train, x_test) -> 
             "probe_accuracy_pixels": metrics.probe_accuracy(x_train, y_train, x_test, y_test)}
 
 
+def sample_label_accuracy(run: Run, x_train: torch.Tensor, y_train: torch.Tensor, per_label: int = 100,
+                          seed: int = 0) -> dict[str, float]:
+    """How well a conditional model's samples carry their label: a logistic probe fitted on real training
+    examples' pixels names the class of `per_label` prior samples drawn with each label; the share it calls
+    right, per label and averaged over the labels."""
+    ae = run.autoencoder
+    probe = metrics.fit_probe(x_train, y_train)
+    g = torch.Generator(device=inference.device(run)).manual_seed(seed)
+    right = {}
+    for name, y in ae.condition.rows():
+        x = ae.sample(per_label, generator=g, y=y.to(inference.device(run)))
+        right[name] = float((probe.predict(metrics.flat(x)) == int(y)).mean())
+    return {"sample_label_accuracy": sum(right.values()) / len(right),
+            **{f"sample_label_accuracy_{name}": share for name, share in right.items()}}
+
+
 def evaluate(run: Run, probe_examples: int = 10_000, seed: int = 0, progress: bool = True,
              batch_size: int = 1024) -> dict[str, float]:
     """The test loop's figures, the reconstruction of clean test examples through the deterministic code
@@ -74,4 +92,6 @@ def evaluate(run: Run, probe_examples: int = 10_000, seed: int = 0, progress: bo
         codes_tr = inference.codes(run, x_tr_in, batch_size, prepared=True, y=y_tr)
         codes_te = inference.codes(run, x_te_in, batch_size, prepared=True, y=y_te)
         figures |= probe_figures(codes_tr, y_tr, codes_te, y_te, x_tr_in, x_te_in)
+        if isinstance(ae.condition, Label) and isinstance(ae.bottleneck, Stochastic):
+            figures |= sample_label_accuracy(run, x_tr_in, y_tr, seed=seed)
     return figures
