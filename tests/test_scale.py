@@ -32,6 +32,8 @@ def hparams_entry(run_dir: Path) -> tuple[dict, set[str], dict[str, float]]:
     # that Adam would scale up to full steps, differently on each path
     ["bottleneck=topk", "penalty=contractive", "net=mlp_shallow", "model.optimizer._target_=torch.optim.SGD"],
     ["bottleneck=sigmoid", "penalty=contractive", "penalty.method=exact"],
+    # VQ on a grid: k-means start and revived codes from the global batch, EMA counts summed over ranks
+    ["net=conv", "net.latent=grid", "bottleneck=vq", "bottleneck.codes=16", "bottleneck.dead_after=2"],
 ], ids=lambda f: " ".join(f))
 def test_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(tmp_path, family):
     """Each rank takes its half of every global batch; KL sparsity's rate is the global batch's (an

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoenc.model.bottlenecks import Bottleneck, Latent, Pass
-from autoenc.model.ranks import from_rank0, sum_over_ranks, world_size
+from autoenc.model.ranks import from_rank0, gathered, sum_over_ranks
 from autoenc.util.errors import is_integer, is_number, require
 
 
@@ -122,6 +122,8 @@ class VQ(Bottleneck):
         dead = self.since_used >= self.dead_after
         if self.training:
             counts, dead = self._learn(rows.detach(), latent.indices.reshape(-1), counts)
+        else:
+            sum_over_ranks(counts)  # the global batch's use, as in training
         p = counts / counts.sum().clamp_min(1)
         entropy = -(p * p.clamp_min(1e-30).log()).sum()
         # the batch's figures; a split's (codes_used, perplexity, dead_codes) come from split_figures
@@ -156,7 +158,8 @@ class VQ(Bottleneck):
         return counts, dead
 
     def _revive(self, dead: torch.Tensor, rows: torch.Tensor) -> None:
-        """Moves each dead code onto a random row of this batch (rank 0's draw) as a fresh cluster of one."""
+        """Moves each dead code onto a random row of the global batch (rank 0's draw) as a fresh cluster of one."""
+        rows = gathered(rows)  # every rank's rows, in the order of the global batch: DDP draws what one process would
         n, g = int(dead.sum()), self._generator
         device = g.device if g is not None else rows.device
         pick = (torch.randperm(len(rows), generator=g, device=device)[:n] if len(rows) >= n
@@ -176,11 +179,11 @@ class VQ(Bottleneck):
         the codebook (and the EMA's counts: per batch, at least 1); after `kmeans_batches` batches the
         codebook is initialised. A run resumed within those batches starts its own pool, from the saved
         codebook."""
-        self._pool.append(rows.float())
+        self._pool.append(gathered(rows.float()))  # the global batch, so DDP starts where one process would
         data = torch.cat(self._pool)
         warm = self.codebook.detach().float() if len(self._pool) > 1 else None
         centres, counts = kmeans(data, self.codes, self.kmeans_iters, generator, warm)
-        counts = counts * (world_size() / len(self._pool))  # the global batch's scale, as the EMA's N_i
+        counts = counts / len(self._pool)  # a batch's counts, the scale of the EMA's N_i
         from_rank0(centres)
         from_rank0(counts)
         self.codebook.data.copy_(centres)

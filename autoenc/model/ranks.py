@@ -11,10 +11,6 @@ def distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def world_size() -> int:
-    return dist.get_world_size() if distributed() else 1
-
-
 def global_batch_mean(code: torch.Tensor) -> torch.Tensor:
     """Each unit's mean over the global batch: under DDP the sum over every rank's equal shard, by a
     differentiable all-reduce, so that the rate ρ̂ and its gradient are those of one process."""
@@ -43,3 +39,13 @@ def from_rank0(t: torch.Tensor) -> None:
     """In place: rank 0's value on every DDP rank (unchanged in one process)."""
     if distributed():
         dist.broadcast(t, src=0)
+
+
+def gathered(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's equal-sized t concatenated in rank order (each rank holds a contiguous share of the
+    global batch, so this is the global batch); t itself in one process."""
+    if not distributed():
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
