@@ -155,39 +155,26 @@ def never_saves(node) -> bool:
 
 def make_trainer(cfg: DictConfig, *extra_callbacks):
     """The Trainer a config describes, with its callbacks and loggers (the progress bar only when
-    trainer.enable_progress_bar is on, as Lightning requires; no checkpoint callback that never saves).
-    autoenc's own callbacks and the model summary, which keep no state, reach Lightning as one callback
-    (carried by the progress bar where there is one); without a profiler asked for, NoProfiler."""
-    from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary
-    from lightning.pytorch.callbacks import ProgressBar as AnyProgressBar
+    trainer.enable_progress_bar is on, as Lightning requires; no checkpoint callback that never saves)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+    from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 
-    from autoenc.training.callbacks import AtomicCheckpointIO, Bundle, NoProfiler, ProgressBar, share
+    from autoenc.training.callbacks import AtomicCheckpointIO, NoProfiler
 
     epochs = cfg.trainer.get("max_epochs")
     require(epochs in (None, -1) or (is_integer(epochs) and epochs >= 1), "trainer.max_epochs", epochs,
             "a positive integer (or -1)")
-    made = [cb for cb in (instantiate(c) for c in cfg.callbacks.values() if c and not never_saves(c))
-            if cfg.trainer.enable_progress_bar or not isinstance(cb, AnyProgressBar)]
-    bar = next((cb for cb in made if isinstance(cb, ProgressBar)), None)
-    ours = [cb for cb in made if type(cb).__module__.startswith("autoenc.") and cb is not bar
-            and not isinstance(cb, ModelCheckpoint)]
-    ours += [ModelSummary()] if cfg.trainer.get("enable_model_summary", True) else []
-    if bar is not None:
-        bar.callbacks = share(bar, ours)
-    bundle = Bundle(ours) if ours and bar is None else None
-    first = next((i for i, cb in enumerate(made) if cb in ours), len(made))  # the bundle takes the first one's place
-    callbacks = [cb for cb in made[:first] if cb not in ours] + ([bundle] if bundle else []) + \
-        [cb for cb in made[first:] if cb not in ours]
+    callbacks = [cb for cb in (instantiate(c) for c in cfg.callbacks.values() if c and not never_saves(c))
+                 if cfg.trainer.enable_progress_bar or not isinstance(cb, ProgressBar)]
+    if cfg.trainer.get("enable_model_summary", True):  # the plain table (Lightning's default is rich's where installed)
+        callbacks.append(ModelSummary())
     loggers = [instantiate(c) for c in cfg.logger.values() if c] if cfg.logger else False
     profiler = {} if cfg.trainer.get("profiler") else {"profiler": NoProfiler()}
-    from lightning.fabric.plugins.environments import SLURMEnvironment
-
     plugins = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():  # SafetyNet saves at a step boundary and requeues: not Lightning's handler
         plugins.append(SLURMEnvironment(auto_requeue=False))
-    return instantiate(cfg.trainer, callbacks=callbacks + list(extra_callbacks), logger=loggers,
-                       enable_model_summary=False, plugins=plugins, **profiler)
-
+    return instantiate(cfg.trainer, callbacks=callbacks + list(extra_callbacks), logger=loggers, plugins=plugins,
+                       **profiler)
 
 
 # Where each module of autoenc 0.2 lives since 0.3: the `_target_`s its checkpoints store name the old ones.
