@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import time
@@ -11,7 +10,6 @@ from pathlib import Path
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.profilers import PassThroughProfiler
 from torchvision.utils import make_grid
 
 from autoenc.util.errors import Interrupt, UserError
@@ -377,14 +375,3 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.fsync(directory)  # the rename itself survives a crash
         finally:
             os.close(directory)
-
-
-class NoProfiler(PassThroughProfiler):
-    """Lightning's pass-through profiler without its per-action generator: `profile()` returns one shared
-    null context (fewer Python calls for each hook Lightning dispatches); trainer.profiler=simple
-    or advanced still gets Lightning's own."""
-
-    _null = contextlib.nullcontext()
-
-    def profile(self, action_name: str):
-        return self._null
