@@ -146,16 +146,9 @@ def check_range(datamodule, likelihood) -> None:
                         "likelihood=gaussian likelihood.bounded=false")
 
 
-def never_saves(node) -> bool:
-    """A checkpoint callback config whose every_n_train_steps and every_n_epochs are both 0 (and no
-    train_time_interval): Lightning would call its hooks every step for nothing."""
-    off = all(k in node and not node[k] for k in ("every_n_train_steps", "every_n_epochs"))
-    return off and not node.get("train_time_interval")
-
-
 def make_trainer(cfg: DictConfig, *extra_callbacks):
     """The Trainer a config describes, with its callbacks and loggers (the progress bar only when
-    trainer.enable_progress_bar is on, as Lightning requires; no checkpoint callback that never saves)."""
+    trainer.enable_progress_bar is on, as Lightning requires)."""
     from lightning.fabric.plugins.environments import SLURMEnvironment
     from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 
@@ -164,7 +157,7 @@ def make_trainer(cfg: DictConfig, *extra_callbacks):
     epochs = cfg.trainer.get("max_epochs")
     require(epochs in (None, -1) or (is_integer(epochs) and epochs >= 1), "trainer.max_epochs", epochs,
             "a positive integer (or -1)")
-    callbacks = [cb for cb in (instantiate(c) for c in cfg.callbacks.values() if c and not never_saves(c))
+    callbacks = [cb for cb in (instantiate(c) for c in cfg.callbacks.values() if c)
                  if cfg.trainer.enable_progress_bar or not isinstance(cb, ProgressBar)]
     if cfg.trainer.get("enable_model_summary", True):  # the plain table (Lightning's default is rich's where installed)
         callbacks.append(ModelSummary())
