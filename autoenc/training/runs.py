@@ -42,7 +42,7 @@ def configure_lightning() -> None:
 def skip_failing_gpu_probe() -> None:
     """Importing Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1, so that every torch.cuda.is_available()
     (Adam.step asks at each step) first tries to load libnvidia-ml; without an NVIDIA driver that fails
-    every time, doubling the cost of a small model's Adam.step. Where the library cannot load, torch
+    every time, at a cost a small model's step feels. Where the library cannot load, torch
     answers the same without the variable, so it is dropped."""
     if os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") != "1":
         return
