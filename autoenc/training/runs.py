@@ -23,11 +23,9 @@ def configure_lightning() -> None:
     """Process-wide Lightning settings for every command: no start-up chatter that says nothing a user can
     act on, and no GPU probe that fails at every optimizer step."""
     skip_failing_gpu_probe()
-    for pattern in (".*does not have many workers.*", ".*LeafSpec.*", ".*is deprecated.*",
-                    ".*Checkpoint directory .* exists and is not empty.*",
+    for pattern in (".*LeafSpec.*", ".*Checkpoint directory .* exists and is not empty.*",
                     ".*The number of training batches .* is smaller than the logging interval.*",
-                    ".*when logging on epoch level in distributed setting.*", ".*litlogger.*",
-                    ".*was configured so 100% of the batches.*", ".*could not find the monitored key.*",
+                    ".*when logging on epoch level in distributed setting.*", ".*could not find the monitored key.*",
                     ".*dirpath has changed from.*", ".*across ranks is zero.*"):
         warnings.filterwarnings("ignore", message=pattern)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
