@@ -150,7 +150,7 @@ def make_trainer(cfg: DictConfig, *extra_callbacks):
     from lightning.fabric.plugins.environments import SLURMEnvironment
     from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 
-    from autoenc.training.callbacks import AtomicCheckpointIO
+    from autoenc.training.callbacks import AtomicCheckpointIO, NoProfiler
 
     epochs = cfg.trainer.get("max_epochs")
     require(epochs in (None, -1) or (is_integer(epochs) and epochs >= 1), "trainer.max_epochs", epochs,
@@ -160,10 +160,12 @@ def make_trainer(cfg: DictConfig, *extra_callbacks):
     if cfg.trainer.get("enable_model_summary", True):  # the plain table (Lightning's default is rich's where installed)
         callbacks.append(ModelSummary())
     loggers = [instantiate(c) for c in cfg.logger.values() if c] if cfg.logger else False
+    profiler = {} if cfg.trainer.get("profiler") else {"profiler": NoProfiler()}
     plugins = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():  # SafetyNet saves at a step boundary and requeues: not Lightning's handler
         plugins.append(SLURMEnvironment(auto_requeue=False))
-    return instantiate(cfg.trainer, callbacks=callbacks + list(extra_callbacks), logger=loggers, plugins=plugins)
+    return instantiate(cfg.trainer, callbacks=callbacks + list(extra_callbacks), logger=loggers, plugins=plugins,
+                       **profiler)
 
 
 # Where each module of autoenc 0.2 lives since 0.3: the `_target_`s its checkpoints store name the old ones.
