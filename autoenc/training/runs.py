@@ -146,7 +146,7 @@ def check_range(datamodule, likelihood) -> None:
 
 def make_trainer(cfg: DictConfig, *extra_callbacks):
     """The Trainer a config describes, with its callbacks and loggers (the progress bar only when
-    trainer.enable_progress_bar is on, as Lightning requires)."""
+    trainer.enable_progress_bar is on, as Lightning requires); without a profiler asked for, NoProfiler."""
     from lightning.fabric.plugins.environments import SLURMEnvironment
     from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 
