@@ -24,8 +24,7 @@ class CtrlC(Callback):
 
     def on_train_batch_end(self, trainer, *args):
         if trainer.global_step == self.step:
-            every = [c for cb in trainer.callbacks for c in getattr(cb, "callbacks", [cb])]  # bundles opened
-            safety = next(cb for cb in every if type(cb).__name__ == "SafetyNet")
+            safety = next(cb for cb in trainer.callbacks if type(cb).__name__ == "SafetyNet")
             safety._ask_to_stop(signal.SIGINT, None)
 
 

@@ -340,7 +340,8 @@ class TensorDataModule(pl.LightningDataModule):
             return kind(x, y, self.batch_size, shuffle, self.seed, lambda: 0)
 
         def processed() -> int:  # batches the training loop has processed this epoch
-            return trainer.fit_loop.epoch_loop.batch_progress.current.processed if shuffle else 0
+            # the batches taken; where this is read (a pass's start, a checkpoint) the last one is processed
+            return trainer.fit_loop.batch_idx + 1 if shuffle else 0
 
         return kind(x, y, self.batch_size, shuffle, self.seed, lambda: trainer.current_epoch,
                     trainer.global_rank, trainer.world_size, processed)

@@ -120,8 +120,7 @@ class Pictures(Callback):
     input | noisy (with noise) | reconstruction for validation images; prior samples (Stochastic
     bottleneck); the units' activation frequencies and the decoder's features (codes with active
     units); the decoded latent manifold and a scatter of test codes (2-D latent). Images only: vector
-    data gets the histogram and scatter. One callback, so that Lightning dispatches its per-step hooks
-    once (scripts/benchmark.py)."""
+    data gets the histogram and scatter."""
 
     def __init__(self, dirpath: str = ".", reconstructions: int = 8, samples: int = 64, manifold: int = 20,
                  scatter_examples: int = 2000, seed: int = 0):
@@ -393,46 +392,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.close(directory)
 
 
-class Bundle(Callback):
-    """Callbacks that keep no state, dispatched by Lightning as one: Lightning calls every hook of every
-    callback at every step (six per-step hooks, each dispatch a few dozen Python calls whether or not the
-    callback acts then), so one bundle of three costs a third; each hook goes on only to the callbacks
-    that define it, in their order. `share` lets another callback (the progress bar) carry the bundle."""
-
-    def __init__(self, callbacks):
-        self.callbacks = share(self, callbacks)
-
-
-def share(host: Callback, callbacks) -> list:
-    """Makes `host` also dispatch each hook to those of `callbacks` that define it, after its own; returns them."""
-    callbacks = list(callbacks)
-    for name in {name for cb in callbacks for name in _own_hooks(cb)}:
-        own = [getattr(host, name)] if name in _own_hooks(host) else []
-        setattr(host, name, _fan_out(own + [getattr(cb, name) for cb in callbacks if name in _own_hooks(cb)]))
-    return callbacks
-
-
-def _own_hooks(callback: Callback) -> set[str]:
-    """The hooks a callback's class overrides (Lightning's Callback defines them all as no-ops)."""
-    return {name for name in vars(Callback) if name.startswith(("on_", "setup", "teardown"))
-            and getattr(type(callback), name) is not getattr(Callback, name)}
-
-
-def _fan_out(targets):
-    if len(targets) == 1:
-        return targets[0]
-
-    def hook(*args, **kwargs):
-        for target in targets:
-            target(*args, **kwargs)
-
-    return hook
-
-
 class NoProfiler(PassThroughProfiler):
-    """Lightning's pass-through profiler without its per-action generator: `profile()` returns one shared
-    null context (fewer Python calls for each hook Lightning dispatches); trainer.profiler=simple
-    or advanced still gets Lightning's own."""
+    """Lightning's pass-through profiler with one shared null context instead of a generator per action:
+    fewer Python calls for each hook Lightning dispatches, which together with Lightning's other per-step
+    calls is a measurable share of a small model's step (docs/speed.md); trainer.profiler=simple or
+    advanced still gets Lightning's own."""
 
     _null = contextlib.nullcontext()
 

@@ -57,6 +57,8 @@ class TensorBoardLogger(loggers.TensorBoardLogger):
         data = plugin_data_pb2.HParamsPluginData.FromString(start.value[0].metadata.plugin_data.content)
         data.session_start_info.group_name = trial  # HParams' trial name
         start.value[0].metadata.plugin_data.content = data.SerializeToString()
+        # Private, as SummaryWriter has no public way to write a prepared summary (this also reopens the
+        # writer that the test's finalize closed).
         writer = self.experiment._get_file_writer()
         writer.add_summary(start)
         writer.add_summary(end)

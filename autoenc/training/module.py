@@ -113,8 +113,9 @@ class AutoencoderModule(pl.LightningModule):
 
     def _log_train(self, terms: dict[str, torch.Tensor], n: int) -> None:
         """Keeps each step's values (detached, on the device) for the epoch means, and writes them to the
-        loggers every `log_every_n_steps` steps: one `self.log` per term and step costs more than a
-        small model's step (scripts/benchmark.py)."""
+        loggers every `log_every_n_steps` steps, at the step's own index.
+        Written to the loggers directly, not through `self.log`: a `self.log` per term and step costs a
+        measurable share of a small model's step (docs/speed.md)."""
         values = torch.stack([v.detach() for v in terms.values()])
         self._train_steps.append((tuple(terms), values, n))
         step = self.global_step

@@ -24,11 +24,9 @@ def configure_lightning() -> None:
     """Process-wide Lightning settings for every command: no start-up chatter that says nothing a user can
     act on, and no GPU probe that fails at every optimizer step."""
     skip_failing_gpu_probe()
-    for pattern in (".*does not have many workers.*", ".*LeafSpec.*", ".*is deprecated.*",
-                    ".*Checkpoint directory .* exists and is not empty.*",
+    for pattern in (".*LeafSpec.*", ".*Checkpoint directory .* exists and is not empty.*",
                     ".*The number of training batches .* is smaller than the logging interval.*",
-                    ".*when logging on epoch level in distributed setting.*", ".*litlogger.*",
-                    ".*was configured so 100% of the batches.*", ".*could not find the monitored key.*",
+                    ".*when logging on epoch level in distributed setting.*", ".*could not find the monitored key.*",
                     ".*dirpath has changed from.*", ".*across ranks is zero.*"):
         warnings.filterwarnings("ignore", message=pattern)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
@@ -43,7 +41,7 @@ def configure_lightning() -> None:
 def skip_failing_gpu_probe() -> None:
     """Importing Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1, so that every torch.cuda.is_available()
     (Adam.step asks at each step) first tries to load libnvidia-ml; without an NVIDIA driver that fails
-    every time, doubling the cost of a small model's Adam.step. Where the library cannot load, torch
+    every time, at a cost a small model's step feels. Where the library cannot load, torch
     answers the same without the variable, so it is dropped."""
     if os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") != "1":
         return
@@ -171,48 +169,28 @@ def check_range(datamodule, likelihood) -> None:
                         "likelihood=gaussian likelihood.bounded=false")
 
 
-def never_saves(node) -> bool:
-    """A checkpoint callback config whose every_n_train_steps and every_n_epochs are both 0 (and no
-    train_time_interval): Lightning would call its hooks every step for nothing."""
-    off = all(k in node and not node[k] for k in ("every_n_train_steps", "every_n_epochs"))
-    return off and not node.get("train_time_interval")
-
-
 def make_trainer(cfg: DictConfig, *extra_callbacks):
     """The Trainer a config describes, with its callbacks and loggers (the progress bar only when
-    trainer.enable_progress_bar is on, as Lightning requires; no checkpoint callback that never saves).
-    autoenc's own callbacks and the model summary, which keep no state, reach Lightning as one callback
-    (carried by the progress bar where there is one); without a profiler asked for, NoProfiler."""
-    from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary
-    from lightning.pytorch.callbacks import ProgressBar as AnyProgressBar
+    trainer.enable_progress_bar is on, as Lightning requires); without a profiler asked for, NoProfiler."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+    from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 
-    from autoenc.training.callbacks import AtomicCheckpointIO, Bundle, NoProfiler, ProgressBar, share
+    from autoenc.training.callbacks import AtomicCheckpointIO, NoProfiler
 
     epochs = cfg.trainer.get("max_epochs")
     require(epochs in (None, -1) or (is_integer(epochs) and epochs >= 1), "trainer.max_epochs", epochs,
             "a positive integer (or -1)")
-    made = [cb for cb in (instantiate(c) for c in cfg.callbacks.values() if c and not never_saves(c))
-            if cfg.trainer.enable_progress_bar or not isinstance(cb, AnyProgressBar)]
-    bar = next((cb for cb in made if isinstance(cb, ProgressBar)), None)
-    ours = [cb for cb in made if type(cb).__module__.startswith("autoenc.") and cb is not bar
-            and not isinstance(cb, ModelCheckpoint)]
-    ours += [ModelSummary()] if cfg.trainer.get("enable_model_summary", True) else []
-    if bar is not None:
-        bar.callbacks = share(bar, ours)
-    bundle = Bundle(ours) if ours and bar is None else None
-    first = next((i for i, cb in enumerate(made) if cb in ours), len(made))  # the bundle takes the first one's place
-    callbacks = [cb for cb in made[:first] if cb not in ours] + ([bundle] if bundle else []) + \
-        [cb for cb in made[first:] if cb not in ours]
+    callbacks = [cb for cb in (instantiate(c) for c in cfg.callbacks.values() if c)
+                 if cfg.trainer.enable_progress_bar or not isinstance(cb, ProgressBar)]
+    if cfg.trainer.get("enable_model_summary", True):  # the plain table (Lightning's default is rich's where installed)
+        callbacks.append(ModelSummary())
     loggers = [instantiate(c) for c in cfg.logger.values() if c] if cfg.logger else False
     profiler = {} if cfg.trainer.get("profiler") else {"profiler": NoProfiler()}
-    from lightning.fabric.plugins.environments import SLURMEnvironment
-
     plugins = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():  # SafetyNet saves at a step boundary and requeues: not Lightning's handler
         plugins.append(SLURMEnvironment(auto_requeue=False))
-    return instantiate(cfg.trainer, callbacks=callbacks + list(extra_callbacks), logger=loggers,
-                       enable_model_summary=False, plugins=plugins, **profiler)
-
+    return instantiate(cfg.trainer, callbacks=callbacks + list(extra_callbacks), logger=loggers, plugins=plugins,
+                       **profiler)
 
 
 # Where each module of autoenc 0.2 lives since 0.3: the `_target_`s its checkpoints store name the old ones.
