@@ -161,3 +161,46 @@ def test_encode_then_decode_gives_the_reconstruction_for_vq_indices_and_conditio
         model = autoenc.load(runs / kind, device="cpu")
         x, y = model.split("test")
         np.testing.assert_allclose(x_hat, model.reconstruct(x, labels=y, numpy=True), atol=1e-5)
+
+
+def cifar_fixture(root, n_train: int = 20, n_test: int = 10):
+    """CIFAR-10's python batches in their real layout and format (pickled dicts of a uint8 data array and a
+    labels list), with random images."""
+    import pickle
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    g = np.random.default_rng(0)
+    for name, n in [*((f"data_batch_{i}", n_train) for i in range(1, 6)), ("test_batch", n_test)]:
+        batch = {b"data": g.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": g.integers(0, 10, n).tolist()}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    return folder
+
+
+def test_the_vqvae_cifar10_recipe_trains_the_papers_shape_on_cifar_files(tmp_path):
+    cifar_fixture(tmp_path / "data")
+    results = train_run(tmp_path / "run", "experiment=vqvae_cifar10", f"data.root={tmp_path / 'data'}",
+                        "net.hidden=8", "net.residual_hidden=8", "bottleneck.codes=16", "trainer.max_epochs=1",
+                        "data.batch_size=16", *FAST)
+    assert 0 < results["test/codes_used"] <= 1 and results["test/mse"] > 0
+    import autoenc
+
+    model = autoenc.load(tmp_path / "run", device="cpu")
+    assert model.autoencoder.code_shape == (64, 8, 8) and model.shape == (3, 32, 32)
+    assert len(model.split("train")[0]) == 90 and len(model.split("test")[0]) == 10  # 100 less a tenth for validation
+
+
+def test_a_cifar_batch_that_would_run_code_is_refused_in_one_line(tmp_path, capsys):
+    import os
+    import pickle
+
+    folder = cifar_fixture(tmp_path)
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'ran'}",)
+
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": Evil(), b"labels": []}))
+    message = cli_error(capsys, "train", "data=cifar10", f"data.root={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert message.startswith(f"autoenc: error: {folder / 'test_batch'} is not a CIFAR-10 batch (it names ")
+    assert "os" in message and "system" in message and not (tmp_path / "ran").exists()

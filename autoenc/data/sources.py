@@ -89,24 +89,58 @@ class IDX(TensorDataModule):
 
 
 class CIFAR10(TensorDataModule):
-    """CIFAR-10 through torchvision (its python batches under `<root>/cifar-10-batches-py`)."""
+    """CIFAR-10 from its python batches under `<root>/cifar-10-batches-py` (data_batch_1…5, test_batch),
+    read by an unpickler that admits only NumPy arrays, so that a batch file cannot run code."""
+
+    FOLDER, TRAIN, TEST = "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]
 
     def __init__(self, download: bool = False, **kw):
         super().__init__(**kw)
         self.download = download
 
     def load(self):
-        import torchvision
+        folder = self.root / self.FOLDER
+        if self.download and not folder.is_dir():
+            import torchvision  # downloads and checks the archive's MD5; reading stays ours
 
-        try:
-            sets = [torchvision.datasets.CIFAR10(str(self.root), train=t, download=self.download)
-                    for t in (True, False)]
-        except Exception as e:
-            raise UserError(f"CIFAR-10 not found under {self.root / 'cifar-10-batches-py'} ({e}); "
-                            "set data.root= or AUTOENC_DATA_DIR, or pass data.download=true") from None
-        (xtr, ytr), (xte, yte) = ((torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(),
-                                   torch.tensor(s.targets)) for s in sets)
+            torchvision.datasets.utils.download_and_extract_archive(
+                "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", str(self.root),
+                md5="c58f30108f718f92721af3b95e74349a")
+        missing = [n for n in self.TRAIN + self.TEST if not (folder / n).is_file()]
+        if missing:
+            raise UserError(f"CIFAR-10 not found under {folder} (missing {', '.join(missing)}); set data.root= or "
+                            "AUTOENC_DATA_DIR, or pass data.download=true")
+        (xtr, ytr), (xte, yte) = (read_cifar_batches([folder / n for n in names]) for names in (self.TRAIN, self.TEST))
         return xtr, ytr, xte, yte
+
+
+def read_cifar_batches(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (N, 3, 32, 32) uint8 and labels of CIFAR python batch files, concatenated."""
+    xs, ys = [], []
+    for path in paths:
+        with open(path, "rb") as f:
+            try:
+                batch = ArraysOnly(f, encoding="bytes").load()
+                x, y = np.asarray(batch[b"data"], dtype=np.uint8), np.asarray(batch[b"labels"], dtype=np.int64)
+            except (pickle.UnpicklingError, KeyError, TypeError, ValueError, EOFError) as e:
+                raise UserError(f"{path} is not a CIFAR-10 batch ({e}); it must be a pickle of data and labels "
+                                "arrays, as in cifar-10-python.tar.gz") from None
+        xs.append(torch.from_numpy(x.reshape(-1, 3, 32, 32).copy()))
+        ys.append(torch.from_numpy(y))
+    return torch.cat(xs), torch.cat(ys)
+
+
+class ArraysOnly(pickle.Unpickler):
+    """An unpickler that builds only containers, numbers, strings and NumPy arrays: anything else a pickle
+    names (a function to call, a class to build) is refused, so reading one runs no code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a data file has no need of")
+        return super().find_class(module, name)
 
 
 STREAM_ABOVE = 4 * 2**30  # bytes: a larger decoded set is streamed from its cache, a smaller one may go to the GPU

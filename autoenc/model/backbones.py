@@ -208,3 +208,34 @@ def sae(shape: Sequence[int], latent_dim: int, head_dim: int | None = None) -> t
         enc.bias.zero_()
     return (nn.Sequential(nn.Flatten(), Shift(pre_bias, -1.0), enc),
             nn.Sequential(dec, Shift(pre_bias, 1.0), nn.Unflatten(1, tuple(shape))))
+
+
+class Residual(nn.Module):
+    """VQ-VAE's residual block: x + 1×1(ReLU(3×3(ReLU(x)))) (van den Oord et al. 2017, sec. 4.1)."""
+
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, hidden, 3, 1, 1), nn.ReLU(), nn.Conv2d(hidden, channels, 1))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+def vqvae(shape: Sequence[int], latent_dim: int, head_dim: int | None = None, hidden: int = 256,
+          residual_hidden: int = 256, blocks: int = 2) -> tuple[nn.Module, nn.Module]:
+    """The VQ-VAE paper's encoder and decoder (van den Oord et al. 2017, sec. 4.1): two stride-2 4×4
+    convolutions of `hidden` channels and `blocks` residual blocks to a 1×1 convolution giving head_dim
+    values at each position of an H/4 × W/4 grid; the decoder mirrors it with stride-2 4×4 transposed
+    convolutions. H and W must be multiples of 4."""
+    c, h, w = _images(shape, "vqvae")
+    if h % 4 or w % 4:
+        from autoenc.util.errors import UserError
+
+        raise UserError(f"net=vqvae needs images whose sides are multiples of 4; these are {h}×{w} (use net=conv)")
+    stack = [Residual(hidden, residual_hidden) for _ in range(blocks)]
+    encoder = nn.Sequential(nn.Conv2d(c, hidden, 4, 2, 1), nn.ReLU(), nn.Conv2d(hidden, hidden, 4, 2, 1), *stack,
+                            nn.ReLU(), nn.Conv2d(hidden, head_dim or latent_dim, 1))
+    decoder = nn.Sequential(nn.Conv2d(latent_dim, hidden, 3, 1, 1),
+                            *[Residual(hidden, residual_hidden) for _ in range(blocks)], nn.ReLU(),
+                            nn.ConvTranspose2d(hidden, hidden, 4, 2, 1), nn.ReLU(), nn.ConvTranspose2d(hidden, c, 4, 2, 1))
+    return encoder, decoder
