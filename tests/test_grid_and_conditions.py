@@ -112,6 +112,17 @@ def test_the_condition_vectors_are_one_hot_labels_and_signed_attributes():
         Condition().of(3)
     with pytest.raises(UserError, match=r"^model.condition='style' is invalid"):
         Condition.named("style")
+    with pytest.raises(UserError, match=r"^label='7' is invalid"):
+        Label(10).of("7")
+    with pytest.raises(UserError, match=r"^attributes=\[7\] are not this model's"):
+        smile.of(7)
+
+
+def test_the_wrong_key_for_a_conditional_models_kind_is_refused_in_one_line(runs, capsys):
+    assert cli_error(capsys, "sample", f"ckpt={runs / 'cvae'}", "attributes=[Smiling]").startswith(
+        "autoenc: error: this model is conditioned on class labels (model.condition=label): choose one with label=K")
+    assert cli_error(capsys, "sample", f"ckpt={runs / 'cvae'}", "label=12").startswith(
+        "autoenc: error: label=12 is not one of this model's classes 0…9")
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from autoenc.model.conditions import Attributes, Label
 from autoenc.model.quantize import VQ
 from autoenc.data.cache import IMAGE_SUFFIXES
 from autoenc.data.module import Rows
@@ -174,6 +175,12 @@ class Model:
         chosen = [c for c in (label, attributes) if c is not None]
         if len(chosen) > 1:
             raise UserError("give label= or attributes=, not both")
+        if label is not None and isinstance(condition, Attributes):
+            raise UserError("this model is conditioned on attributes (model.condition=attributes): choose them "
+                            "with attributes=[…], not label=")
+        if attributes is not None and isinstance(condition, Label):
+            raise UserError("this model is conditioned on class labels (model.condition=label): choose one with "
+                            "label=K, not attributes=")
         y = condition.of(chosen[0]).to(self.device) if chosen else None
         g = torch.Generator(device=self.device).manual_seed(seed)
         out = self.autoencoder.sample(n, generator=g, y=y).cpu()

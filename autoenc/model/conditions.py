@@ -71,6 +71,8 @@ class Label(Condition):
         return [(str(k), torch.tensor(k)) for k in range(self.width)]
 
     def of(self, chosen):
+        require(isinstance(chosen, int) and not isinstance(chosen, bool), "label", chosen,
+                f"a class 0…{self.width - 1}")
         return torch.tensor(chosen)
 
 
@@ -98,7 +100,7 @@ class Attributes(Condition):
         return [(name, self.of([name])) for name in self.names[:10]]
 
     def of(self, chosen):
-        chosen = [chosen] if isinstance(chosen, str) else list(chosen)
+        chosen = [chosen] if isinstance(chosen, str) else list(chosen) if isinstance(chosen, (list, tuple)) else [chosen]
         unknown = [a for a in chosen if a not in self.names]
         if unknown:
             raise UserError(f"attributes={unknown} are not this model's; choose from {', '.join(self.names)}")
