@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from autoenc.app.share import load_shared
 from autoenc.model.conditions import Attributes, Label
 from autoenc.model.quantize import VQ
 from autoenc.data.cache import IMAGE_SUFFIXES
 from autoenc.data.module import Rows
 from autoenc.evaluation import anomaly, arithmetic, baselines, inference
-from autoenc.training.runs import Run, load_run
+from autoenc.training.runs import Run
 from autoenc.util.errors import UserError, is_integer, require
 
 
@@ -248,8 +249,9 @@ def _is_pil(x) -> bool:
 def load(path, device: str | None = None, iwae_samples: int | None = None) -> Model:
     """The trained model of a run directory (its best checkpoint) or of a checkpoint file, rebuilt from the
     run's saved config with the weights loaded safely (weights_only); `iwae_samples`: K of evaluate's
-    importance-weighted NLL (default: the run's)."""
-    return Model(load_run(path, iwae_samples=iwae_samples, on=device))
+    importance-weighted NLL (default: the run's). Also a folder that `autoenc export` wrote, or a Hugging Face
+    Hub model `hf://owner/name[@revision]`."""
+    return Model(load_shared(path, iwae_samples=iwae_samples, on=device))
 
 
 @dataclass

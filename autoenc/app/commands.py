@@ -283,3 +283,20 @@ def attribute(cfg: DictConfig) -> Path:
     print(f"share of shifted examples a probe assigns to {cfg.to}: {shares}")
     print(f"wrote {path.with_suffix('.json')}")
     return path
+
+
+def export(cfg: DictConfig) -> Path:
+    """The model as a self-describing folder (autoenc.app.share.export), and with `push=owner/name` on the Hub."""
+    from autoenc.app import share
+
+    if not cfg.out:
+        raise UserError("name the folder to write: out=<folder> (a new or empty one)")
+    require(cfg.private in (True, False), "private", cfg.private, "true or false")
+    model = load_model(cfg)
+    folder = share.export(model.run, Path(str(cfg.out)), str(cfg.license))
+    print(f"wrote {folder} ({', '.join(sorted(p.name for p in folder.iterdir()))})")
+    if cfg.push:
+        url = share.push(folder, str(cfg.push), private=cfg.private)
+        print(f"uploaded to {url} ({'private' if cfg.private else 'public'}); load it with "
+              f"autoenc.load(\"hf://{cfg.push}\") or ckpt=hf://{cfg.push}")
+    return folder

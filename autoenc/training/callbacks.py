@@ -299,15 +299,16 @@ class SafetyNet(Callback):
 
 class StoredConfig(Callback):
     """Stores the run's config, as built, in every checkpoint (`autoenc_config`), interpolations kept (the data
-    root is found anew where the model is used): what the commands and `autoenc.load` rebuild the model from."""
+    root is found anew where the model is used), and the shape of an example (`autoenc_shape`): what the
+    commands and `autoenc.load` rebuild the model from, without reading the data."""
 
-    def __init__(self, config):
+    def __init__(self, config, shape):
         from omegaconf import OmegaConf
 
-        self.config = OmegaConf.to_container(config)
+        self.config, self.shape = OmegaConf.to_container(config), list(shape)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-        checkpoint["autoenc_config"] = self.config
+        checkpoint["autoenc_config"], checkpoint["autoenc_shape"] = self.config, self.shape
 
 
 class Checkpoint(ModelCheckpoint):

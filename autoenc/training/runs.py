@@ -95,13 +95,14 @@ def restore(model, ckpt: dict, path) -> None:
                         "use the model/net/data settings of the run that wrote it") from None
 
 
-def build(cfg: DictConfig):
-    """The data module and the LightningModule a config describes (the model built from the data's shape),
-    and the config as built: `cfg` itself, or with likelihood=auto resolved (what checkpoints store)."""
+def build(cfg: DictConfig, shape=None):
+    """The data module and the LightningModule a config describes (the model built for `shape`, by default the
+    data's), and the config as built: `cfg` itself, or with likelihood=auto resolved (what checkpoints store)."""
     datamodule = instantiate(cfg.data)
     cfg = resolved(cfg, datamodule)
     seams = {k: instantiate(cfg[k]) if cfg.get(k) else None for k in SEAMS}
-    model = instantiate(cfg.model, net=instantiate(cfg.net), shape=datamodule.shape, **seams)
+    shape = tuple(shape) if shape is not None else datamodule.shape
+    model = instantiate(cfg.model, net=instantiate(cfg.net), shape=shape, **seams)
     return datamodule, model, cfg
 
 
@@ -219,6 +220,35 @@ def _renamed(target):
     return target
 
 
+EXPORT_CONFIG, EXPORT_WEIGHTS = "config.json", "model.safetensors"
+
+
+def is_export(path) -> bool:
+    """Whether a path is a folder that `autoenc export` wrote (its config and its safetensors weights)."""
+    p = Path(str(path)).expanduser()
+    return p.is_dir() and (p / EXPORT_WEIGHTS).is_file() and not (p / "checkpoints").is_dir()
+
+
+def load_export(folder: Path) -> dict:
+    """An exported folder read as a checkpoint would be: the config and shape from config.json, the weights
+    (and the data's standardization statistics, under `datamodule.`) from model.safetensors, which holds
+    tensors only."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        described = json.loads((folder / EXPORT_CONFIG).read_text())
+        config, shape = described["config"], described["shape"]
+        tensors = load_file(str(folder / EXPORT_WEIGHTS))
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        raise UserError(f"{folder} is not a model folder that `autoenc export` wrote ({type(e).__name__}: {e}); "
+                        f"it needs {EXPORT_CONFIG} (config, shape) and {EXPORT_WEIGHTS}") from None
+    stats = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("datamodule.")}
+    state = {k: v for k, v in tensors.items() if not k.startswith("datamodule.")}
+    return {"state_dict": state, "autoenc_config": config, "autoenc_shape": shape,
+            described.get("data_module", ""): stats}
+
+
 @dataclass
 class Run:
     """A trained run rebuilt from its directory: the directory, its config, its data module and its
@@ -253,15 +283,21 @@ def find_checkpoint(path) -> Path:
     return p
 
 
-def load_run(path, iwae_samples: int | None = None, on: str | None = None) -> Run:
-    """Rebuilds the model of a checkpoint (or of a run directory's best one) from its run's config and loads
-    the weights (weights_only) and the data's standardization statistics stored with them."""
+def load_run(path, iwae_samples: int | None = None, on: str | None = None, run_dir: Path | None = None) -> Run:
+    """Rebuilds the model of a checkpoint (or of a run directory's best one, or of an exported folder) from
+    its run's config and loads the weights (weights_only, or safetensors) and the data's standardization
+    statistics stored with them. `run_dir`: where commands write (default: the run's directory)."""
     require(iwae_samples is None or (is_integer(iwae_samples) and iwae_samples >= 0), "eval.iwae_samples",
             iwae_samples, "an integer ≥ 0")
-    path = find_checkpoint(path)
-    ckpt = load_checkpoint(path)
-    # the run directory: the nearest folder above the checkpoint that holds the run's .hydra/
-    run_dir = run_dir_of(path.resolve()) or (path.parent.parent if path.parent.name == "checkpoints" else path.parent)
+    if is_export(path):
+        path = Path(str(path)).expanduser()
+        ckpt = load_export(path)
+        run_dir = run_dir or path
+    else:
+        path = find_checkpoint(path)
+        ckpt = load_checkpoint(path)
+        # the run directory: the nearest folder above the checkpoint that holds the run's .hydra/
+        run_dir = run_dir or run_dir_of(path.resolve()) or (path.parent.parent if path.parent.name == "checkpoints" else path.parent)
     saved = run_dir / ".hydra" / "config.yaml"
     if "autoenc_config" in ckpt:  # what the weights were trained with, which no later command can rewrite
         run_cfg = OmegaConf.create(moved(ckpt["autoenc_config"]))
@@ -274,7 +310,7 @@ def load_run(path, iwae_samples: int | None = None, on: str | None = None) -> Ru
     if iwae_samples is not None:
         run_cfg.model.iwae_samples = iwae_samples
     configure_lightning()
-    datamodule, module, _ = build(run_cfg)
+    datamodule, module, _ = build(run_cfg, ckpt.get("autoenc_shape"))
     restore(module, ckpt, path)  # the checkpoint already read above, not read again
     if type(datamodule).__qualname__ in ckpt:
         datamodule.load_state_dict(ckpt[type(datamodule).__qualname__])

@@ -39,7 +39,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if not len(datamodule.splits["val"][0]):
         log.warning("no validation split (data.val_fraction=0): no best.ckpt is chosen and the test uses the "
                     "final weights (last.ckpt)")
-    trainer = make_trainer(built, StoredConfig(built))
+    trainer = make_trainer(built, StoredConfig(built, model.autoencoder.shape))
     if ckpt_path:
         restore(model, load_checkpoint(ckpt_path), ckpt_path)  # a clear error before Lightning reads it
     begin(out, built)  # accepted: from here the run writes into its directory
