@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from autoenc import __version__
+from autoenc.model.penalties import Penalty
 from autoenc.training.runs import EXPORT_CONFIG, EXPORT_WEIGHTS, Run, load_run
 from autoenc.util.errors import UserError
 
@@ -73,7 +74,7 @@ def model_card(run: Run, pictures: list[str], license: str) -> str:
         "",
         f"Trained with [autoenc](https://pypi.org/project/autoenc/) {__version__}. Inputs: {shape}; code: "
         f"{'×'.join(map(str, ae.code_shape))}; backbone `{_name(cfg.net)}`; likelihood `{type(ae.likelihood).__name__}`; "
-        f"noise `{type(ae.noise).__name__ if ae.noise is not None else 'none'}`; penalty `{ae.penalty.name}`"
+        f"noise `{type(ae.noise).__name__ if ae.noise is not None else 'none'}`; penalty `{ae.penalty.name if type(ae.penalty) is not Penalty else 'none'}`"
         + (f"; conditioned on {cfg.model.condition} ({cfg.model.labels})" if cfg.model.get("condition") else "") + ".",
         "",
         "## Data",
