@@ -178,7 +178,7 @@ class AutoencoderModule(pl.LightningModule):
 
     # ---- optimisation and checkpoints ---------------------------------------------------
     def configure_optimizers(self):
-        opt = self.optimizer_factory(self.parameters())
+        opt = self.optimizer()
         if self.scheduler_factory is None:
             return opt
         config = {"interval": "epoch", **self.lr_schedule}
@@ -196,6 +196,21 @@ class AutoencoderModule(pl.LightningModule):
                 return opt
             factory = partial(factory, **{k: int(length) for k in missing})
         return {"optimizer": opt, "lr_scheduler": {"scheduler": factory(opt), **config}}
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The configured optimizer; Adam and AdamW with their fused kernel (one kernel for every parameter's
+        update) unless the config sets `fused` or `foreach`, and where the device, dtype or torch release has
+        no fused kernel, with the foreach one."""
+        factory = self.optimizer_factory
+        given = getattr(factory, "keywords", {})
+        if getattr(factory, "func", factory) not in (torch.optim.Adam, torch.optim.AdamW) or \
+                given.get("fused") is not None or given.get("foreach") is not None:
+            return factory(self.parameters())
+        try:
+            return factory(self.parameters(), fused=True)
+        except (RuntimeError, ValueError) as e:
+            log.info(f"no fused {getattr(factory, 'func', factory).__name__} here ({e}); using its foreach kernel")
+            return factory(self.parameters(), foreach=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self._train_steps:  # so that a mid-epoch resume logs the whole epoch's means
