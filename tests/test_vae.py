@@ -173,3 +173,24 @@ def test_dynamic_binarization_and_kl_warmup(tmp_path):
     with open(Path(logger.log_dir) / "metrics.csv") as f:
         beta = [float(r["train/beta_step"]) for r in csv.DictReader(f) if r.get("train/beta_step")]
     assert beta == pytest.approx([0.0, 0.25, 0.5])  # one step per epoch, warm-up over two
+
+
+def test_the_end_of_training_nll_is_bounded_to_the_first_test_examples_and_says_so(tmp_path, caplog):
+    """eval.iwae_examples: the bound after training is that of the first examples only, drawn as an
+    independent loop over them with the test's own generator draws it; the commands score every example."""
+    import logging
+
+    from autoenc.training.runs import load_run
+
+    with caplog.at_level(logging.INFO, logger="autoenc"):
+        results = train_here(tmp_path, "model=vae", "eval.iwae_samples=8", "eval.iwae_examples=50")
+    assert results["test/nll_iwae_examples"] == 50
+    assert any("on the first 50 of the 359 test examples" in r.getMessage() for r in caplog.records)
+    run = load_run(tmp_path / "checkpoints" / "best.ckpt", iwae_samples=8, on="cpu")
+    module, dm = run.module, run.datamodule
+    assert module.iwae_examples is None  # commands: all of them
+    g = module.generator("test", "iwae", "cpu")
+    x = dm.transform(dm.splits["test"][0][:50])
+    nll = torch.cat([-module.autoencoder.log_likelihood(x[i:i + dm.batch_size], 8, g, module.iwae_chunk)
+                     for i in range(0, 50, dm.batch_size)])
+    assert results["test/nll_iwae"] == pytest.approx(nll.mean().item(), rel=1e-5)

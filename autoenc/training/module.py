@@ -41,11 +41,14 @@ class AutoencoderModule(pl.LightningModule):
 
     def __init__(self, net, shape, bottleneck=None, likelihood=None, latent_dim: int = 16, noise=None,
                  penalty: Penalty | None = None, optimizer=None, scheduler=None, lr_schedule=None,
-                 iwae_samples: int = 0, iwae_chunk: int = 100, seed: int = 0, noise_seed: int = 1234,
+                 iwae_samples: int = 0, iwae_chunk: int = 100, iwae_examples: int | None = None,
+                 seed: int = 0, noise_seed: int = 1234,
                  compile: bool = False, weight_penalty: float = 0.0, condition: str | None = None, labels=None):
         super().__init__()
         require(is_integer(iwae_samples) and iwae_samples >= 0, "model.iwae_samples", iwae_samples, "an integer ≥ 0")
         require(is_integer(iwae_chunk) and iwae_chunk >= 1, "model.iwae_chunk", iwae_chunk, "a positive integer")
+        require(iwae_examples is None or (is_integer(iwae_examples) and iwae_examples >= 1), "eval.iwae_examples",
+                iwae_examples, "a positive integer, or null (all)")
         interval = (lr_schedule or {}).get("interval", "epoch")
         require(interval in ("step", "epoch"), "model.lr_schedule.interval", interval, "step or epoch")
         self.autoencoder = Autoencoder(net, shape, latent_dim, bottleneck, likelihood, noise, penalty, weight_penalty,
@@ -54,7 +57,8 @@ class AutoencoderModule(pl.LightningModule):
         lr = getattr(self.optimizer_factory, "keywords", {}).get("lr", 1e-3)
         require(not is_number(lr) or lr > 0, "model.optimizer.lr", lr, "a number > 0")
         self.scheduler_factory, self.lr_schedule = scheduler, dict(lr_schedule or {})
-        self.iwae_samples, self.iwae_chunk = iwae_samples, iwae_chunk
+        self.iwae_samples, self.iwae_chunk, self.iwae_examples = iwae_samples, iwae_chunk, iwae_examples
+        self.iwae_scored = 0  # test examples the importance-weighted NLL was computed on, this test
         self.noise_seed, self.seed = noise_seed, seed
         self._streams: dict[tuple, Stream] = {}  # training randomness, reseeded every step
         self._generators: dict[tuple, torch.Generator] = {}  # val/test randomness, restarted every epoch
@@ -136,12 +140,20 @@ class AutoencoderModule(pl.LightningModule):
 
     def test_step(self, batch, batch_idx):
         self._shared_step(batch, "test")
-        if self.iwae_samples:
-            x, y = batch  # the clean x: with noise= any q(z|x) is still a valid proposal
+        # the bound's cost is K decoder passes an example: at most iwae_examples of them (the first ones,
+        # shared equally by the ranks), so that the test after training stays short next to the training
+        room = len(batch[0]) if self.iwae_examples is None else \
+            min(len(batch[0]), self.iwae_examples // self.trainer.world_size - self.iwae_scored)
+        if self.iwae_samples and room > 0:
+            x, y = (t[:room] for t in batch)  # the clean x: with noise= any q(z|x) is still a valid proposal
+            self.iwae_scored += len(x)
             g = self.generator("test", "iwae", x.device)
             ae = self.autoencoder
             for name, score in ae.bottleneck.scores(ae, x, self.iwae_samples, g, self.iwae_chunk, y).items():
                 self.log(f"test/{name}", score.mean(), batch_size=len(x), sync_dist=True)
+
+    def on_test_epoch_start(self):
+        self.iwae_scored = 0
 
     def _end_epoch(self, stage: str) -> None:
         if self.trainer.sanity_checking:

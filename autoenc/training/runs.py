@@ -309,6 +309,7 @@ def load_run(path, iwae_samples: int | None = None, on: str | None = None, run_d
     run_cfg.paths.output_dir = str(run_dir)
     if iwae_samples is not None:
         run_cfg.model.iwae_samples = iwae_samples
+    run_cfg.model.iwae_examples = None  # the commands score every example
     configure_lightning()
     datamodule, module, _ = build(run_cfg, ckpt.get("autoenc_shape"))
     restore(module, ckpt, path)  # the checkpoint already read above, not read again

@@ -50,6 +50,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     results = {ckpt.monitor: float(ckpt.best_model_score)} if best and ckpt.best_model_score is not None else {}
     trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)
     results |= {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/") and v.numel() == 1}
+    tested = len(datamodule.splits["test"][0])
+    if "test/nll_iwae" in results and model.iwae_examples is not None and model.iwae_examples < tested:
+        scored = model.iwae_scored * trainer.world_size
+        results["test/nll_iwae_examples"] = float(scored)
+        log.info(f"test/nll_iwae: K = {model.iwae_samples} importance samples on the first {scored:,} of the "
+                 f"{tested:,} test examples (eval.iwae_examples); autoenc evaluate scores all of them")
     if trainer.is_global_zero:
         write_json(out / "results.json", results)
         from autoenc.training.loggers import log_run
