@@ -48,7 +48,13 @@ WORKLOADS = {
                        "model.latent_dim=32768"], 4096, ((4096 * 4, 4096), "float32")),
 }
 RUNS = {**FAMILIES, **{name: w[0] for name, w in WORKLOADS.items()}}
-PATHS = ("autoenc", "floor")
+PATHS = ("autoenc", "floor", "tuned")
+
+
+def paths(args) -> tuple[str, ...]:
+    """The paths timed beside the user's plain loop: autoenc, Lightning's floor and (unless --no-tuned) the
+    hand-tuned loop."""
+    return PATHS[:2] if args.no_tuned else PATHS
 # --ablation: what each part of autoenc's default path costs per step (each variant turns one part off)
 CHECKPOINTS_OFF = ["callbacks.checkpoint=null", "callbacks.step_checkpoint=null",
                    "+trainer.enable_checkpointing=false"]
@@ -153,9 +159,10 @@ def plain_loss(model, x, g):
 
 
 class PlainLoop:
-    """A hand-written loop over the same network, optimizer, batch size and device-resident data."""
+    """A hand-written loop over the same network, optimizer, batch size and device-resident data: as a user
+    writes it (the optimizer's defaults, eager), or `tuned` (the fused optimizer, the whole step compiled)."""
 
-    def __init__(self, args, cfg):
+    def __init__(self, args, cfg, tuned: bool = False):
         import torch
 
         from autoenc.training.runs import build
@@ -163,7 +170,8 @@ class PlainLoop:
         torch.manual_seed(cfg.seed)
         datamodule, model, _ = build(cfg)
         self.args, self.model = args, model.to(args.device)
-        self.opt = model.optimizer_factory(model.parameters())
+        self.opt = model.optimizer_factory(model.parameters(), **({"fused": True} if tuned else {}))
+        self.step = torch.compile(self.one_step) if tuned else self.one_step
         x = datamodule.splits["train"][0]  # stored as uint8 or float, like autoenc; Rows read whole
         self.x_all = (x if isinstance(x, torch.Tensor) else x[torch.arange(len(x))]).to(args.device)
         self.order = torch.randperm(len(self.x_all), device=args.device)
@@ -179,13 +187,16 @@ class PlainLoop:
         for _ in range(steps):
             start = self.done * b % (len(self.x_all) - b + 1)
             self.done += 1
-            with self.autocast:
-                loss = plain_loss(self.model, self.x_all[self.order[start:start + b]], self.g)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
+            self.step(self.x_all[self.order[start:start + b]])
         sync(self.args.device)
         return time.perf_counter() - w0, time.process_time() - c0
+
+    def one_step(self, x) -> None:
+        with self.autocast:
+            loss = plain_loss(self.model, x, self.g)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
 
 
 def floor_module(model, g):
@@ -295,6 +306,22 @@ def run_path(args, family: str, path: str) -> dict:
         if path == "autoenc":
             make_trainer(cfg, alternate(args, plain, totals, path)).fit(model, datamodule=datamodule)
             totals["startup"] = (plain_t0 - t0) + totals["first_step"][0] - t1
+        elif path == "tuned":  # the hand-tuned loop, in blocks alternating with the user's loop
+            tuned = PlainLoop(args, cfg, tuned=True)
+            t2 = time.perf_counter()
+            tuned.run(args.warmup)  # (includes the compilation)
+            plain.run(args.warmup)
+            totals["first_step"] = (time.perf_counter(), process_age())
+            totals["tuned_compile_s"] = time.perf_counter() - t2
+            done = 0
+            while done < args.steps:
+                n = min(args.block, args.steps - done)
+                timed, baseline = tuned.run(n), plain.run(n)
+                for key, value in ((path, timed), (f"plain_{path}", baseline)):
+                    totals[key] = [a + b for a, b in zip(totals.get(key, (0.0, 0.0)), value)]
+                totals[f"steps_{path}"] = totals.get(f"steps_{path}", 0) + n
+                totals.setdefault(f"blocks_{path}", []).append((timed[0], baseline[0], n))
+                done += n
         else:
             g = torch.Generator(device=args.device).manual_seed(1)
             floor = pl.Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1,
@@ -313,15 +340,15 @@ def run_family(args, family: str) -> dict:
     import multiprocessing
 
     totals: dict = {}
-    for path in PATHS:
+    for path in paths(args):
         with multiprocessing.get_context("spawn").Pool(1) as pool:
             part = pool.apply(run_path, (args, family, path))
         for key in ("plain_startup", "plain_calls", "peak_rss", "first_step"):
             part[f"{key}_{path}"] = part.pop(key)
         totals |= part
-    mem_peak = max(totals[f"peak_rss_{path}"] for path in PATHS)
+    mem_peak = max(totals[f"peak_rss_{path}"] for path in paths(args))
     row = {"steps": totals["steps_autoenc"], "peak_rss_mb": mem_peak / 2**20}
-    for path in PATHS:
+    for path in paths(args):
         n = totals[f"steps_{path}"] * args.batch_size
         (wall, cpu), (pwall, pcpu) = totals[path], totals[f"plain_{path}"]
         row[path] = {"samples_per_s": n / wall, "cpu_samples_per_s": n / cpu, "plain_samples_per_s": n / pwall,
@@ -361,6 +388,8 @@ def main(argv=None) -> dict:
     p.add_argument("--precision", default="32-true", help="trainer.precision, e.g. bf16-mixed")
     p.add_argument("--override", nargs="*", default=[], help="extra `autoenc train` overrides")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--no-tuned", action="store_true",
+                   help="leave out the hand-tuned loop (fused optimizer, compiled step) and its compilation")
     p.add_argument("--ablation", action="store_true",
                    help="for each family, also each variant with one part of the default path off")
     args = p.parse_args(argv)
@@ -415,9 +444,12 @@ def workload_data(args, name: str, folder: Path) -> tuple[str, Path | None]:
 
 
 def format_row(family: str, row: dict) -> str:
-    a, f = row["autoenc"], row["floor"]
+    a, f, tuned = row["autoenc"], row["floor"], row.get("tuned")
+    versus = "" if tuned is None else (
+        f"  |  tuned loop (fused, compiled) ratio {tuned['ratio']:.3f} (median {tuned['ratio_median']:.3f}); "
+        f"autoenc / tuned {a['ratio'] / tuned['ratio']:.3f}")
     return (f"{family:<40} plain {row['plain']['samples_per_s']:8.0f}/s  autoenc {a['samples_per_s']:8.0f}/s "
-            f"ratio {a['ratio']:.3f} overhead {a['overhead_us']:6.0f} µs (median of blocks {a['overhead_us_median']:5.0f})  "
+            f"ratio {a['ratio']:.3f} (median of blocks {a['ratio_median']:.3f}){versus}  |  autoenc overhead {a['overhead_us']:6.0f} µs (median of blocks {a['overhead_us_median']:5.0f})  "
             f"|  Lightning floor ratio {f['ratio']:.3f} (plain beside it {row['plain']['samples_per_s_floor_phase']:.0f}/s) "
             f"overhead {f['overhead_us']:6.0f} µs (median "
             f"{f['overhead_us_median']:5.0f})  |  Python calls per step: plain {row['plain']['calls_per_step']:.0f}, "

@@ -20,7 +20,8 @@ def test_benchmark_measures_each_path_and_finds_a_known_per_step_cost(tmp_path):
     out = tmp_path / "bench.json"
     delay = ["+callbacks.delay._target_=helpers.Delay", "+callbacks.delay.seconds=0.05"]
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--data", "digits",
-                           "--families", "ae", "vae", "--steps", "6", "--warmup", "2", "--block", "3", "--out", str(out), "--override",
+                           "--families", "ae", "vae", "--steps", "6", "--warmup", "2", "--block", "3", "--out", str(out),
+                           "--no-tuned", "--override",
                            "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", *delay],
                           cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])})
@@ -95,3 +96,21 @@ def test_a_step_checkpoint_that_saves_is_made(tmp_path):
         return sorted((cb.monitor or "", cb._every_n_train_steps) for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint))
 
     assert checkpoints("callbacks.step_checkpoint.every_n_train_steps=7") == [("", 7), ("val/loss", 0)]
+
+
+def test_the_hand_tuned_loop_trains_as_the_users_loop_does():
+    """The benchmark's second reference (fused Adam, the whole step compiled) takes the same steps as the plain
+    loop a user writes, up to float rounding: a faster loop, not another training."""
+    import types
+
+    import torch
+
+    from benchmark import PlainLoop
+    from conftest import compose
+
+    args = types.SimpleNamespace(device="cpu", batch_size=32, precision="32-true")
+    plain, tuned = PlainLoop(args, compose("model=ae")), PlainLoop(args, compose("model=ae"), tuned=True)
+    plain.run(5), tuned.run(5)
+    assert tuned.opt.defaults["fused"] and not plain.opt.defaults["fused"]
+    for (name, a), b in zip(plain.model.state_dict().items(), tuned.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
