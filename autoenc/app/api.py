@@ -206,13 +206,18 @@ class Model:
         return _out(arithmetic.interpolation(self.run, self.stored(a), self.stored(b), steps, self.batch_size,
                                              labels_a, labels_b), numpy)
 
-    def evaluate(self, probe_examples: int = 10_000, seed: int = 0, progress: bool = True) -> dict[str, float]:
+    def evaluate(self, probe_examples: int = 10_000, seed: int = 0, progress: bool = True, features=None,
+                 samples: int = 1000) -> dict[str, float]:
         """The test split's figures (Lightning's test loop), the reconstruction against PCA with as many
         components as the code can have non-zero values, and linear probes on the codes and on the input,
-        all fitted on a seeded subset of the training split of the same kind of data they are scored on."""
+        all fitted on a seeded subset of the training split of the same kind of data they are scored on.
+        Images in [0, 1] add SSIM, MS-SSIM and per-image PSNR; with a feature network (`features`: a
+        classifier's .safetensors from `autoenc classifier`, "inception", or a {_target_: …} node), rFID,
+        and for a model with a prior FID and KID of `samples` seeded prior samples against the test split."""
         require(is_integer(probe_examples) and probe_examples >= 1, "eval.probe_examples", probe_examples,
                 "a positive integer")
-        return baselines.evaluate(self.run, probe_examples, seed, progress, self.batch_size)
+        require(is_integer(samples) and samples >= 2, "eval.samples", samples, "an integer ≥ 2")
+        return baselines.evaluate(self.run, probe_examples, seed, progress, self.batch_size, features, samples)
 
     # ---- latent arithmetic ----------------------------------------------------------------
     def members(self, name, split: str = "train") -> torch.Tensor:

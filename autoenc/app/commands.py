@@ -94,9 +94,10 @@ def name_column(cfg: DictConfig) -> str:
 
 # ---- commands ---------------------------------------------------------------------------------
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Test figures vs the PCA baseline and linear probes (Model.evaluate) → evaluation.json."""
+    """Test figures vs the PCA baseline and linear probes, image figures (SSIM, MS-SSIM, per-image PSNR; FID,
+    KID and rFID in the features of eval.features) (Model.evaluate) → evaluation.json."""
     model = load_model(cfg)
-    figures = model.evaluate(cfg.eval.probe_examples, cfg.seed)
+    figures = model.evaluate(cfg.eval.probe_examples, cfg.seed, features=cfg.eval.features, samples=cfg.eval.samples)
     width = max(map(len, figures))
     print("\n".join(f"{k:<{width}}  {v:.6g}" for k, v in sorted(figures.items())))
     path = Path(cfg.out).expanduser() if cfg.out else model.dir / "evaluation.json"
@@ -300,3 +301,37 @@ def export(cfg: DictConfig) -> Path:
         print(f"uploaded to {url} ({'private' if cfg.private else 'public'}); load it with "
               f"autoenc.load(\"hf://{cfg.push}\") or ckpt=hf://{cfg.push}")
     return folder
+
+
+def classifier(cfg: DictConfig) -> Path:
+    """A small CNN (autoenc.evaluation.features.SmallCNN) trained on the chosen data's training split, saved
+    as safetensors with a JSON of its shape beside it: evaluate's eval.features for FID, KID and rFID."""
+    from hydra.utils import instantiate
+
+    from autoenc.evaluation import features
+
+    require(is_integer(cfg.epochs) and cfg.epochs >= 1, "epochs", cfg.epochs, "a positive integer")
+    out = Path(str(cfg.out)).expanduser() if cfg.out else None
+    if out is not None and out.suffix != ".safetensors":
+        raise UserError(f"out={out} must end in .safetensors (the weights; the shape goes beside it as .json)")
+    dm = instantiate(cfg.data)
+    name = str(getattr(dm, "name", None) or type(dm).__name__).lower()
+    if len(dm.shape) != 3 or dm.standardize:
+        raise UserError(f"`autoenc classifier` needs images in [0, 1] and data={name} gives "
+                        f"{'standardized values' if dm.standardize else f'vectors of shape {tuple(dm.shape)}'}")
+    x_tr, y_tr = dm.evaluation_split("train")
+    x_te, y_te = dm.evaluation_split("test")
+    y_tr, y_te = torch.as_tensor(y_tr).cpu(), torch.as_tensor(y_te).cpu()
+    if y_tr.dim() != 1 or bool((y_tr < 0).any()):
+        raise UserError(f"`autoenc classifier` needs a class label for every training example and data={name} "
+                        "has none (or attributes instead)")
+    print(f"training a classifier of {name} ({len(y_tr)} images, {int(y_tr.max()) + 1} classes, "
+          f"{cfg.epochs} epochs)…", flush=True)
+    labelled = y_te.dim() == 1 and bool((y_te >= 0).all())
+    net, figures = features.train_classifier(x_tr, y_tr, dm.transform, cfg.epochs, seed=cfg.seed,
+                                             x_test=x_te if labelled else None, y_test=y_te if labelled else None)
+    path = features.save_classifier(net, out or Path(f"classifier_{name}.safetensors"),
+                                    {"data": name, "epochs": cfg.epochs, "seed": cfg.seed, **figures})
+    print(" ".join(f"{k}={v:.4f}" for k, v in figures.items()))
+    print(f"wrote {path} and {path.with_suffix('.json').name} (use: autoenc evaluate ckpt=RUN eval.features={path})")
+    return path

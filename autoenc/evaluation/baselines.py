@@ -10,7 +10,7 @@ import torch
 from autoenc.model.bottlenecks import Stochastic
 from autoenc.model.conditions import Label
 from autoenc.data.module import subset
-from autoenc.evaluation import inference
+from autoenc.evaluation import features, images, inference
 from autoenc.model import metrics
 from autoenc.training.runs import Run
 
@@ -67,11 +67,42 @@ def sample_label_accuracy(run: Run, x_train: torch.Tensor, y_train: torch.Tensor
             **{f"sample_label_accuracy_{name}": share for name, share in right.items()}}
 
 
+def image_figures(run: Run, x_hat: torch.Tensor, x_te_in: torch.Tensor, y_te: torch.Tensor,
+                  net: features.Features | None, samples: int, seed: int, batch_size: int) -> dict[str, float]:
+    """SSIM, MS-SSIM and per-image PSNR of the test reconstructions; with a feature network, their rFID and,
+    for a model with a prior, FID and KID of `samples` seeded prior samples (a conditional model's with the
+    labels of seeded test examples), all against the test split."""
+    ae = run.autoencoder
+    figures = images.reconstruction_figures(x_hat, x_te_in, batch_size)
+    if net is None:
+        print("fid, kid, rfid: skipped (eval.features=null); give eval.features=<FILE.safetensors> from "
+              "`autoenc classifier`, or inception")
+        return figures
+    drawn = None
+    if isinstance(ae.bottleneck, Stochastic):
+        g = torch.Generator(device=inference.device(run)).manual_seed(seed)
+        pick = torch.randint(len(y_te), (samples,), generator=torch.Generator().manual_seed(seed))
+        y = y_te[pick] if ae.condition.width else None
+        with torch.no_grad():
+            drawn = torch.cat([ae.sample(min(batch_size, samples - s), generator=g,
+                                         y=None if y is None else y[s:s + batch_size].to(inference.device(run))).cpu()
+                               for s in range(0, samples, batch_size)])
+    else:
+        print(f"fid, kid: skipped: bottleneck={ae.bottleneck.name} has no prior to sample from (rfid only)")
+    print(f"fid/kid/rfid in the features of {net.name} ({net.num_features} per image)"
+          + (f": {samples} prior samples against {len(x_te_in)} test images" if drawn is not None else ""), flush=True)
+    net.to(inference.device(run))
+    return figures | images.generative_figures(net, x_te_in, x_hat, drawn, seed, batch_size)
+
+
 def evaluate(run: Run, probe_examples: int = 10_000, seed: int = 0, progress: bool = True,
-             batch_size: int = 1024) -> dict[str, float]:
+             batch_size: int = 1024, features_spec=None, samples: int = 1000) -> dict[str, float]:
     """The test loop's figures, the reconstruction of clean test examples through the deterministic code
-    against PCA, and the linear probes where every test example has a label."""
+    against PCA, the linear probes where every test example has a label, and for images in [0, 1] the
+    image figures (image_figures; FID, KID and rFID in the features `features_spec` names)."""
     dm, ae = run.datamodule, run.autoencoder
+    pictures = len(ae.shape) == 3 and dm.standardize is False
+    net = features.feature_network(features_spec, ae.shape) if pictures else None  # refused before any work
     figures = run_test_loop(run, progress)
     x_tr, y_tr = dm.evaluation_split("train")
     x_te, y_te = dm.evaluation_split("test")
@@ -79,8 +110,11 @@ def evaluate(run: Run, probe_examples: int = 10_000, seed: int = 0, progress: bo
     # mse and psnr of clean test examples through the deterministic code: the figures PCA competes with
     x_hat = inference.reconstructions(run, x_te, batch_size, y_te)
     figures["mse"] = metrics.mse(x_hat, x_te_in)
-    if len(ae.shape) == 3 and dm.standardize is False:
+    if pictures:
         figures["psnr"] = float(metrics.psnr(x_hat, x_te_in))
+        figures |= image_figures(run, x_hat, x_te_in, y_te.cpu(), net, samples, seed, batch_size)
+    elif features_spec is not None:
+        print("fid, kid, rfid: skipped: the model's examples are not images in [0, 1]")
     keep, x_tr_in = training_sample(run, x_tr, probe_examples, seed, batch_size)
     y_tr = y_tr.cpu()[keep]
     components = ae.bottleneck.active_size(ae.code_size)
