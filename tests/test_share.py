@@ -142,3 +142,18 @@ def test_push_uploads_the_folder_through_huggingface_hubs_own_api(shared, monkey
     assert create.get("visibility") == "private" or create.get("private") is True  # (the field's name by release)
     folder = shared / "folder"
     assert uploaded == {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_a_model_loads_and_works_where_its_training_data_is_not(tmp_path, capsys):
+    """Checkpoints store the shape of an example, so loading a model reads no data: with the training file
+    gone, sample and encode of other inputs work, and a split that needs the data is one line."""
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "train.npy", rng.random((200, 6), dtype=np.float32))
+    train_run(tmp_path / "run", "model=vae", "data=array", f"data.path={tmp_path / 'train.npy'}", "model.latent_dim=2")
+    (tmp_path / "train.npy").unlink()
+    np.save(tmp_path / "new.npy", rng.random((5, 6), dtype=np.float32))
+    cli_here("encode", f"ckpt={tmp_path / 'run'}", f"input={tmp_path / 'new.npy'}", f"out={tmp_path / 'codes.npz'}")
+    with np.load(tmp_path / "codes.npz") as codes:
+        assert codes["code"].shape == (5, 2)
+    assert autoenc.load(tmp_path / "run", device="cpu").sample(3).shape == (3, 6)
+    assert "train.npy" in cli_error(capsys, "encode", f"ckpt={tmp_path / 'run'}")
