@@ -167,3 +167,20 @@ def test_the_attribute_command_writes_its_grid_and_how_far_the_examples_moved(ru
     line = one_line_error(cli("attribute", f"ckpt={run}", "from=1", "to=1", check=False))
     assert line == ("autoenc: error: from=1 and to=1 name the same group, whose attribute vector is zero; choose two "
                     "different labels or attributes, or leave from= out (all the others)")
+
+
+def test_using_a_model_imports_no_lightning(run, tmp_path):
+    """Loading a model, the model's methods and a command that uses a model (not evaluate, which runs a test
+    loop) leave Lightning unimported: it is what made every command wait seconds before it started."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, autoenc; m = autoenc.load(sys.argv[1], device='cpu'); x, _ = m.split('test'); "
+             "m.reconstruct(x[:4]); m.encode(x[:4]); "
+             "print(sorted(k for k in sys.modules if k.split('.')[0] in ('lightning', 'pytorch_lightning')))")
+    out = subprocess.run([sys.executable, "-c", probe, str(run)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    timed = subprocess.run([sys.executable, "-X", "importtime", "-m", "autoenc", "reconstruct", f"ckpt={run}",
+                            f"out={tmp_path / 'r.png'}"], capture_output=True, text=True, cwd=tmp_path)
+    assert timed.returncode == 0, timed.stderr[-2000:]
+    assert (tmp_path / "r.png").is_file() and " lightning" not in timed.stderr

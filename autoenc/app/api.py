@@ -61,7 +61,7 @@ class Model:
         return json.loads(path.read_text()) if path.is_file() else {}
 
     def to(self, device) -> Model:
-        self.run.module.to(device)
+        self.run.autoencoder.to(device)
         return self
 
     def split(self, name: str = "test") -> tuple[object, torch.Tensor]:
@@ -190,7 +190,7 @@ class Model:
     def log_likelihood(self, x, k: int = 100, seed: int = 0, numpy: bool = False, labels=None):
         """IWAE estimate of log p(x) per example with k importance samples (a gaussian bottleneck)."""
         g = torch.Generator(device=self.device).manual_seed(seed)
-        iwae = (lambda b, yb=None: self.autoencoder.log_likelihood(b, k, g, self.run.module.iwae_chunk, yb))
+        iwae = (lambda b, yb=None: self.autoencoder.log_likelihood(b, k, g, self.run.iwae_chunk, yb))
         return _out(inference.apply(self.run, iwae, self.stored(x), self.batch_size, y=inference.labels(self.run, labels)), numpy)
 
     def score(self, x, k: int = 100, seed: int = 0, numpy: bool = False, labels=None) -> dict:

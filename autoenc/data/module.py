@@ -6,7 +6,6 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 
@@ -213,15 +212,18 @@ class Dynamic(Binarization):
         return torch.bernoulli(x, generator=generator())
 
 
-class TensorDataModule(pl.LightningDataModule):
+class TensorDataModule:
     """Base data module: `load()` returns uint8/float image tensors (N, C, H, W) (or Rows) and labels;
-    `workers` > 0 reads the batches of stored Rows in that many DataLoader processes."""
+    `workers` > 0 reads the batches of stored Rows in that many DataLoader processes. A plain object, so that
+    using a model needs no Lightning; a Trainer sees it through autoenc.training.datamodule, which sets
+    `trainer` (the batches' epoch, rank and position come from it)."""
+
+    trainer = None
 
     def __init__(self, root: str = "data", batch_size: int = 128, val_fraction: float = 0.1,
                  binarize: str | None = None, split_seed: int = 0, seed: int = 0,
                  on_device: bool = True, classes: list[int] | None = None, standardize: bool = False,
                  augment: Augment | None = None, workers: int = 0):
-        super().__init__()
         require(is_integer(batch_size) and batch_size >= 1, "data.batch_size", batch_size, "a positive integer")
         require(is_number(val_fraction) and 0 <= val_fraction < 1, "data.val_fraction", val_fraction, "a fraction in [0, 1)")
         self.binarize = Binarization.named(binarize)

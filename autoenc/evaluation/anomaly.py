@@ -23,7 +23,7 @@ def scores(run: Run, x, k: int = 100, seed: int = 0, batch_size: int = 1024, y=N
         logits = ae.decode(ae.encode(b, y=yb).code, yb)
         cols = {"mse": (ae.likelihood.mean(logits) - b).pow(2).flatten(1).mean(1),
                 "recon_nll": ae.likelihood.nll(logits, b),
-                **ae.bottleneck.scores(ae, b, k, g, run.module.iwae_chunk, yb)}
+                **ae.bottleneck.scores(ae, b, k, g, run.iwae_chunk, yb)}
         return torch.stack([cols[name] for name in names], 1)
 
     extra = ae.bottleneck.score_names

@@ -26,10 +26,12 @@ def run_test_loop(run: Run, progress: bool = True) -> dict[str, float]:
     """The test split's figures from Lightning's test loop, with the model left on the device it was on."""
     import lightning.pytorch as pl
 
+    from autoenc.training.datamodule import lightning_data
+
     on = inference.device(run)
     trainer = pl.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=progress, enable_model_summary=False, inference_mode=False)
-    trainer.test(run.module, datamodule=run.datamodule, verbose=False)
+    trainer.test(run.module, datamodule=lightning_data(run.datamodule), verbose=False)
     figures = {k.removeprefix("test/"): float(v) for k, v in trainer.callback_metrics.items()
                if k.startswith("test/") and v.numel() == 1}
     run.module.to(on)  # Lightning's teardown moved the model to the CPU

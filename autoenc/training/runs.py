@@ -96,14 +96,34 @@ def restore(model, ckpt: dict, path) -> None:
 
 
 def build(cfg: DictConfig, shape=None):
-    """The data module and the LightningModule a config describes (the model built for `shape`, by default the
-    data's), and the config as built: `cfg` itself, or with likelihood=auto resolved (what checkpoints store)."""
+    """The data module (as a Trainer takes it) and the LightningModule a config describes (the model built for
+    `shape`, by default the data's), and the config as built: `cfg` itself, or with likelihood=auto
+    resolved (what checkpoints store)."""
+    from autoenc.training.datamodule import lightning_data
+
     datamodule = instantiate(cfg.data)
     cfg = resolved(cfg, datamodule)
-    seams = {k: instantiate(cfg[k]) if cfg.get(k) else None for k in SEAMS}
-    shape = tuple(shape) if shape is not None else datamodule.shape
-    model = instantiate(cfg.model, net=instantiate(cfg.net), shape=shape, **seams)
-    return datamodule, model, cfg
+    return lightning_data(datamodule), lightning_module(cfg, shape or datamodule.shape), cfg
+
+
+def seams_of(cfg: DictConfig) -> dict:
+    return {k: instantiate(cfg[k]) if cfg.get(k) else None for k in SEAMS}
+
+
+def lightning_module(cfg: DictConfig, shape):
+    """The LightningModule (autoenc.training.module) of a built config, for examples of `shape`."""
+    return instantiate(cfg.model, net=instantiate(cfg.net), shape=tuple(shape), **seams_of(cfg))
+
+
+def autoencoder(cfg: DictConfig, shape):
+    """The plain Autoencoder of a built config, as its LightningModule holds it, without Lightning: what using
+    a trained model needs."""
+    from autoenc.model.conditions import Condition
+    from autoenc.model.core import Autoencoder
+
+    m = cfg.model
+    return Autoencoder(instantiate(cfg.net), tuple(shape), m.latent_dim, weight_penalty=m.get("weight_penalty", 0.0),
+                       condition=Condition.named(m.get("condition"), m.get("labels")), **seams_of(cfg))
 
 
 def resolved(cfg: DictConfig, datamodule) -> DictConfig:
@@ -252,16 +272,26 @@ def load_export(folder: Path) -> dict:
 @dataclass
 class Run:
     """A trained run rebuilt from its directory: the directory, its config, its data module and its
-    LightningModule (eval mode, on `device`) with the checkpoint's weights."""
+    Autoencoder (eval mode, on `device`) with the checkpoint's weights; its LightningModule (for a test loop)
+    made on first use, around the same Autoencoder."""
 
     dir: Path
     cfg: DictConfig
     datamodule: object
-    module: object
+    autoencoder: object
 
     @property
-    def autoencoder(self):
-        return self.module.autoencoder
+    def iwae_chunk(self) -> int:
+        return int(self.cfg.model.get("iwae_chunk", 100))
+
+    @property
+    def module(self):
+        if "_module" not in self.__dict__:
+            configure_lightning()
+            module = lightning_module(self.cfg, self.autoencoder.shape)
+            module.autoencoder = self.autoencoder
+            self.__dict__["_module"] = module.eval()
+        return self.__dict__["_module"]
 
 
 def device() -> str:
@@ -310,9 +340,10 @@ def load_run(path, iwae_samples: int | None = None, on: str | None = None, run_d
     if iwae_samples is not None:
         run_cfg.model.iwae_samples = iwae_samples
     run_cfg.model.iwae_examples = None  # the commands score every example
-    configure_lightning()
-    datamodule, module, _ = build(run_cfg, ckpt.get("autoenc_shape"))
-    restore(module, ckpt, path)  # the checkpoint already read above, not read again
+    datamodule = instantiate(run_cfg.data)
+    ae = autoencoder(run_cfg, ckpt.get("autoenc_shape") or datamodule.shape)
+    prefix = "autoencoder."  # the LightningModule's name for it, in checkpoints
+    restore(ae, {"state_dict": {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}}, path)
     if type(datamodule).__qualname__ in ckpt:
         datamodule.load_state_dict(ckpt[type(datamodule).__qualname__])
-    return Run(run_dir, run_cfg, datamodule, module.eval().to(on or device()))
+    return Run(run_dir, run_cfg, datamodule, ae.eval().to(on or device()))
