@@ -28,7 +28,7 @@ def export(run: Run, out: Path, license: str = "other") -> Path:
     from safetensors.torch import save_file
 
     # clones: tensors that share storage (a tied bias) are stored once per name, as the state dict names them
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in run.module.state_dict().items()}
+    tensors = {f"autoencoder.{k}": v.detach().cpu().contiguous().clone() for k, v in run.autoencoder.state_dict().items()}
     tensors |= {f"datamodule.{k}": v.detach().cpu().contiguous().clone()
                 for k, v in run.datamodule.state_dict().items()}
     config = OmegaConf.to_container(run.cfg)
@@ -96,7 +96,10 @@ def model_card(run: Run, pictures: list[str], license: str) -> str:
         "```python",
         "import autoenc",
         'model = autoenc.load("hf://OWNER/NAME")   # or the path of this folder',
-        "codes = model.encode(images)",
+        *(["codes = model.encode(images, labels=labels)   # a conditional model: each image's "
+           + ("class" if cfg.model.condition == "label" else "attribute columns"),
+           "new = model.sample(16, " + ("label=3)" if cfg.model.condition == "label" else "attributes=[...])")]
+          if cfg.model.get("condition") else ["codes = model.encode(images)"]),
         "```",
         "",
         "Weights in `model.safetensors` (tensors only: loading runs no code); the config in `config.json`.",
