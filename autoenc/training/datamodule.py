@@ -22,8 +22,18 @@ class LightningData(pl.LightningDataModule):
             raise AttributeError(name)
         return getattr(data, name)
 
+    @property
+    def trainer(self):
+        return self.__dict__.get("_trainer")
+
+    @trainer.setter
+    def trainer(self, trainer) -> None:
+        """The Trainer Lightning attaches is the data's too: its batches follow its epoch, rank and position."""
+        self.__dict__["_trainer"] = trainer
+        if "data" in self.__dict__:
+            self.data.trainer = trainer
+
     def setup(self, stage: str | None = None) -> None:
-        self.data.trainer = self.trainer
         self.data.setup(stage)
 
     def teardown(self, stage: str) -> None:
