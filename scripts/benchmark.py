@@ -264,12 +264,8 @@ def alternate(args, plain, totals: dict, path: str):
                 n = step - self.clock[0]
                 if n < args.block and step < args.warmup + args.steps:
                     return
-                wall, cpu = time.perf_counter() - self.clock[1], time.process_time() - self.clock[2]
-                pw, pc = plain.run(n)
-                for key, value in ((path, (wall, cpu)), (f"plain_{path}", (pw, pc))):
-                    totals[key] = [a + b for a, b in zip(totals.get(key, (0.0, 0.0)), value)]
-                totals[f"steps_{path}"] = totals.get(f"steps_{path}", 0) + n
-                totals.setdefault(f"blocks_{path}", []).append((wall, pw, n))
+                spent = time.perf_counter() - self.clock[1], time.process_time() - self.clock[2]
+                record_block(totals, path, n, spent, plain.run(n))
             sync(args.device)
             self.clock = step, time.perf_counter(), time.process_time()
             if step == timed:
@@ -279,8 +275,17 @@ def alternate(args, plain, totals: dict, path: str):
     return Alternate()
 
 
+def record_block(totals: dict, path: str, n: int, timed: tuple[float, float], plain: tuple[float, float]) -> None:
+    """Adds a block of n steps of `path` and the user's loop beside it (wall and CPU seconds of each)."""
+    for key, value in ((path, timed), (f"plain_{path}", plain)):
+        totals[key] = [a + b for a, b in zip(totals.get(key, (0.0, 0.0)), value)]
+    totals[f"steps_{path}"] = totals.get(f"steps_{path}", 0) + n
+    totals.setdefault(f"blocks_{path}", []).append((timed[0], plain[0], n))
+
+
 def run_path(args, family: str, path: str) -> dict:
-    """One Lightning path (`autoenc` or `floor`) of a family, alternating with a plain loop, in this process."""
+    """One path of a family (`autoenc`, Lightning's `floor` or the `tuned` loop), alternating with the user's plain
+    loop, in this process."""
     import lightning.pytorch as pl
     import torch
 
@@ -302,27 +307,22 @@ def run_path(args, family: str, path: str) -> dict:
         t1 = time.perf_counter()
         configure_lightning()
         pl.seed_everything(cfg.seed, verbose=False)
-        datamodule, model, _ = build(cfg)
-        if path == "autoenc":
-            make_trainer(cfg, alternate(args, plain, totals, path)).fit(model, datamodule=datamodule)
-            totals["startup"] = (plain_t0 - t0) + totals["first_step"][0] - t1
-        elif path == "tuned":  # the hand-tuned loop, in blocks alternating with the user's loop
+        if path == "tuned":  # the hand-tuned loop, in blocks alternating with the user's loop
             tuned = PlainLoop(args, cfg, tuned=True)
             t2 = time.perf_counter()
             tuned.run(args.warmup)  # (includes the compilation)
             plain.run(args.warmup)
             totals["first_step"] = (time.perf_counter(), process_age())
             totals["tuned_compile_s"] = time.perf_counter() - t2
-            done = 0
-            while done < args.steps:
+            for done in range(0, args.steps, args.block):
                 n = min(args.block, args.steps - done)
-                timed, baseline = tuned.run(n), plain.run(n)
-                for key, value in ((path, timed), (f"plain_{path}", baseline)):
-                    totals[key] = [a + b for a, b in zip(totals.get(key, (0.0, 0.0)), value)]
-                totals[f"steps_{path}"] = totals.get(f"steps_{path}", 0) + n
-                totals.setdefault(f"blocks_{path}", []).append((timed[0], baseline[0], n))
-                done += n
+                record_block(totals, path, n, tuned.run(n), plain.run(n))
+        elif path == "autoenc":
+            datamodule, model, _ = build(cfg)
+            make_trainer(cfg, alternate(args, plain, totals, path)).fit(model, datamodule=datamodule)
+            totals["startup"] = (plain_t0 - t0) + totals["first_step"][0] - t1
         else:
+            datamodule, model, _ = build(cfg)
             g = torch.Generator(device=args.device).manual_seed(1)
             floor = pl.Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1,
                                precision=args.precision, max_steps=args.warmup + args.steps + COUNTED, logger=False,

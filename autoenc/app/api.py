@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 from autoenc.app.share import load_shared
 from autoenc.model.conditions import Attributes, Label
 from autoenc.model.quantize import VQ
-from autoenc.data.cache import IMAGE_SUFFIXES
+from autoenc.data.cache import list_images
 from autoenc.data.module import Rows
 from autoenc.evaluation import anomaly, arithmetic, baselines, inference
 from autoenc.training.runs import Run
@@ -73,9 +74,7 @@ class Model:
         """Examples as the run stores them (uint8 or float, shape (N, *shape)) from any accepted form."""
         if isinstance(x, (str, Path)):
             p = Path(x).expanduser()
-            x = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else [p]
-            if not x:
-                raise UserError(f"no images found in {p}")
+            x = list_images(p) if p.is_dir() else [p]  # the order the commands read a folder in
         if isinstance(x, (list, tuple)) and x and not isinstance(x[0], (int, float)):
             return torch.stack([self._image(item) for item in x])
         if _is_pil(x):
@@ -266,7 +265,7 @@ class TrainedRun:
     dir: Path
     results: dict
 
-    @property
+    @cached_property
     def model(self) -> Model:
         return load(self.dir)
 

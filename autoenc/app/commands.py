@@ -159,11 +159,15 @@ def encode(cfg: DictConfig) -> Path:
     files of input=) or `index` (the positions in the split), as .npz."""
     model = load_model(cfg)
     data = inputs(cfg, model)
-    code = model.encode(data.x, numpy=True, labels=data.y)
+    quantized = isinstance(model.autoencoder.bottleneck, VQ)
+    if quantized:  # the code is the indices' codebook vectors: one pass of the encoder gives both
+        indices = model.indices(data.x, labels=data.y)
+        code = inference.looked_up(model.run, indices, model.batch_size).flatten(1).numpy()
+        extra = {"indices": indices.numpy()}
+    else:
+        code, extra = model.encode(data.x, numpy=True, labels=data.y), {}
     path = out_path(cfg, model, f"encode_{data.source}.npz")
     name = name_column(cfg)
-    quantized = isinstance(model.autoencoder.bottleneck, VQ)
-    extra = {"indices": model.indices(data.x, numpy=True, labels=data.y)} if quantized else {}
     np.savez(path, code=code, label=data.y.numpy(), **{name: data.names}, **extra)
     grid = model.autoencoder.grid
     shape = f" (the {'×'.join(map(str, model.autoencoder.code_shape))} grid, flattened)" if grid else ""

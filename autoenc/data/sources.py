@@ -103,9 +103,8 @@ class CIFAR10(TensorDataModule):
         if self.download and not folder.is_dir():
             import torchvision  # downloads and checks the archive's MD5; reading stays ours
 
-            torchvision.datasets.utils.download_and_extract_archive(
-                "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", str(self.root),
-                md5="c58f30108f718f92721af3b95e74349a")
+            official = torchvision.datasets.CIFAR10
+            torchvision.datasets.utils.download_and_extract_archive(official.url, str(self.root), md5=official.tgz_md5)
         missing = [n for n in self.TRAIN + self.TEST if not (folder / n).is_file()]
         if missing:
             raise UserError(f"CIFAR-10 not found under {folder} (missing {', '.join(missing)}); set data.root= or "

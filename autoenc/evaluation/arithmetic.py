@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from autoenc.data.module import Rows
 from autoenc.evaluation import inference
 from autoenc.evaluation.baselines import training_sample
 from autoenc.model import metrics
@@ -94,7 +93,7 @@ def attribute_transfer(run: Run, to, from_=None, strengths=(-2, -1, 0, 1, 2), n:
     if not len(chosen):
         raise UserError(f"no test example has {from_!r} to move toward {to!r}")
     chosen = chosen[torch.randperm(len(chosen), generator=torch.Generator().manual_seed(seed))[:n]].sort().values
-    stored = x_te[chosen.numpy()] if isinstance(x_te, Rows) else x_te[chosen]
+    stored = x_te[chosen]  # (Rows gather the rows of a tensor of positions too)
     x = inference.model_input(run, stored).cpu()
     moved = shift(run, stored, vector, strengths, batch_size, y_te[chosen])  # (stored: shift transforms them once)
     x_tr, _ = inference.split(run, "train")

@@ -47,19 +47,20 @@ def pca_figures(x_train: torch.Tensor, x_test: torch.Tensor, components: int, ac
     return figures
 
 
-def probe_figures(codes_train, y_train, codes_test, y_test, x_train, x_test) -> dict[str, float]:
-    """Test accuracy of linear probes of the labels fitted on the codes and on the input."""
+def probe_figures(codes_train, y_train, codes_test, y_test, x_train, x_test, pixels=None) -> dict[str, float]:
+    """Test accuracy of linear probes of the labels fitted on the codes and on the input (`pixels`: that
+    probe, already fitted)."""
+    on_pixels = (metrics.probe_accuracy(x_train, y_train, x_test, y_test) if pixels is None
+                 else float(pixels.score(metrics.flat(x_test), y_test.numpy())))
     return {"probe_accuracy": metrics.probe_accuracy(codes_train, y_train, codes_test, y_test),
-            "probe_accuracy_pixels": metrics.probe_accuracy(x_train, y_train, x_test, y_test)}
+            "probe_accuracy_pixels": on_pixels}
 
 
-def sample_label_accuracy(run: Run, x_train: torch.Tensor, y_train: torch.Tensor, per_label: int = 100,
-                          seed: int = 0) -> dict[str, float]:
-    """How well a conditional model's samples carry their label: a logistic probe fitted on real training
-    examples' pixels names the class of `per_label` prior samples drawn with each label; the share it calls
-    right, per label and averaged over the labels."""
+def sample_label_accuracy(run: Run, probe, per_label: int = 100, seed: int = 0) -> dict[str, float]:
+    """How well a conditional model's samples carry their label: `probe`, a logistic regression fitted on
+    real training examples' pixels, names the class of `per_label` prior samples drawn with each label; the
+    share it calls right, per label and averaged over the labels."""
     ae = run.autoencoder
-    probe = metrics.fit_probe(x_train, y_train)
     g = torch.Generator(device=inference.device(run)).manual_seed(seed)
     right = {}
     for name, y in ae.condition.rows():
@@ -127,7 +128,9 @@ def evaluate(run: Run, probe_examples: int = 10_000, seed: int = 0, progress: bo
     if bool((y_te >= 0).all()):
         codes_tr = inference.codes(run, x_tr_in, batch_size, prepared=True, y=y_tr)
         codes_te = inference.codes(run, x_te_in, batch_size, prepared=True, y=y_te)
-        figures |= probe_figures(codes_tr, y_tr, codes_te, y_te, x_tr_in, x_te_in)
-        if isinstance(ae.condition, Label) and isinstance(ae.bottleneck, Stochastic):
-            figures |= sample_label_accuracy(run, x_tr_in, y_tr, seed=seed)
+        judged = isinstance(ae.condition, Label) and isinstance(ae.bottleneck, Stochastic)
+        pixels = metrics.fit_probe(x_tr_in, y_tr) if judged else None  # one probe for both figures
+        figures |= probe_figures(codes_tr, y_tr, codes_te, y_te, x_tr_in, x_te_in, pixels)
+        if judged:
+            figures |= sample_label_accuracy(run, pixels, seed=seed)
     return figures

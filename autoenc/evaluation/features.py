@@ -32,9 +32,6 @@ class SmallCNN(nn.Module):
             nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(c2 * 16, features), nn.ReLU())
         self.head = nn.Linear(features, classes)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
 
@@ -191,7 +188,7 @@ def feature_network(spec, shape: tuple[int, ...]) -> Features | None:
             raise UserError(f"eval.features={spec} was trained on {'×'.join(map(str, net.shape))} images and this "
                             f"model makes {'×'.join(map(str, shape))}; train one on the run's data "
                             "(`autoenc classifier data=<the run's data>`)")
-        return Features(_Penultimate(net), net.num_features, Path(spec).name)
+        return Features(net.body, net.num_features, Path(spec).name)
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
@@ -213,10 +210,3 @@ def feature_network(spec, shape: tuple[int, ...]) -> Features | None:
     return Features(net, int(out.flatten(1).shape[1]), str(target))
 
 
-class _Penultimate(nn.Module):
-    def __init__(self, net: SmallCNN):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        return self.net.features(x)

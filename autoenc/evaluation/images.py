@@ -7,6 +7,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torch import nn
 
 from autoenc.evaluation.features import Features
 
@@ -74,9 +75,20 @@ def reconstruction_figures(x_hat: torch.Tensor, x: torch.Tensor, batch_size: int
     return figures
 
 
-def _feed(metric, x: torch.Tensor, real: bool, batch_size: int, device) -> None:
-    for start in range(0, len(x), batch_size):
-        metric.update(x[start:start + batch_size].to(device), real=real)
+class _Given(nn.Module):
+    """Features already computed, as torchmetrics' FID and KID take a feature network: each set goes through
+    the real network once, for every figure."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def _features(net: Features, x: torch.Tensor, batch_size: int, device) -> torch.Tensor:
+    return torch.cat([net(x[start:start + batch_size].to(device)) for start in range(0, len(x), batch_size)])
 
 
 def generative_figures(features: Features, real: torch.Tensor, reconstructions: torch.Tensor,
@@ -88,22 +100,24 @@ def generative_figures(features: Features, real: torch.Tensor, reconstructions: 
     from torchmetrics.image.kid import KernelInceptionDistance
 
     device = next(features.parameters(), torch.empty(0)).device
-    figures = {}
+    figures, given = {}, _Given(features.num_features)
     with torch.no_grad():
-        fid = FrechetInceptionDistance(feature=features, reset_real_features=False).to(device)
-        _feed(fid, real, True, batch_size, device)
-        _feed(fid, reconstructions, False, batch_size, device)
+        real_f = _features(features, real, batch_size, device)
+        fid = FrechetInceptionDistance(feature=given, reset_real_features=False).to(device)
+        fid.update(real_f, real=True)
+        fid.update(_features(features, reconstructions, batch_size, device), real=False)
         figures["rfid"] = float(fid.compute())
         if samples is not None:
+            samples_f = _features(features, samples, batch_size, device)
             fid.reset()  # the real features stay (reset_real_features=False)
-            _feed(fid, samples, False, batch_size, device)
+            fid.update(samples_f, real=False)
             figures["fid"] = float(fid.compute())
             subset = min(KID_SUBSET, len(real), len(samples))
             with warnings.catch_warnings():  # that KID keeps every feature: 128 or 2048 floats an image, known
                 warnings.filterwarnings("ignore", message=".*will save all extracted features")
-                kid = KernelInceptionDistance(feature=features, subset_size=subset).to(device)
-            _feed(kid, real, True, batch_size, device)
-            _feed(kid, samples, False, batch_size, device)
+                kid = KernelInceptionDistance(feature=given, subset_size=subset).to(device)
+            kid.update(real_f, real=True)
+            kid.update(samples_f, real=False)
             with torch.random.fork_rng(devices=[]):  # KID draws its subsets with torch.randperm
                 torch.manual_seed(seed)
                 mean, std = kid.compute()

@@ -16,12 +16,23 @@ class Condition:
     width = 0  # the condition vector's length
 
     @classmethod
-    def named(cls, name: str | None, labels=None) -> "Condition":
-        """The condition `model.condition` names (null, label or attributes), over `labels`: the number of
-        classes for label, the attribute names for attributes."""
+    def kind(cls, name: str | None) -> type["Condition"]:
+        """The class `model.condition` names: null (this one), label or attributes."""
         kinds = {k.__name__.lower(): k for k in cls.__subclasses__()}
         require(name is None or name in kinds, "model.condition", name, f"null, {' or '.join(kinds)}")
-        return cls() if name is None else kinds[name](labels)
+        return cls if name is None else kinds[name]
+
+    @classmethod
+    def named(cls, name: str | None, labels=None) -> "Condition":
+        """The condition `model.condition` names, over `labels`: the number of classes for label, the attribute
+        names for attributes."""
+        kind = cls.kind(name)
+        return kind() if kind is Condition else kind(labels)
+
+    @classmethod
+    def labels_from(cls, y: torch.Tensor, names: list[str]):
+        """What `model.labels` is for a training split's labels y and its attribute names."""
+        return None
 
     def vector(self, y: torch.Tensor | None, n: int) -> torch.Tensor | None:
         """The condition of n examples with labels y, as a float matrix (n, width); None without one."""
@@ -67,6 +78,14 @@ class Label(Condition):
             raise UserError(f"label={int(wrong[0])} is not one of this model's classes 0…{self.width - 1}")
         return F.one_hot(y, self.width).float()
 
+    @classmethod
+    def labels_from(cls, y, names):
+        """The number of classes."""
+        if y.dim() != 1 or int(y.min()) < 0:
+            raise UserError("model.condition=label needs a class label for every training example; this data "
+                            f"has {'attribute columns (use model.condition=attributes)' if y.dim() == 2 else 'none'}")
+        return int(y.max()) + 1
+
     def rows(self):
         return [(str(k), torch.tensor(k)) for k in range(self.width)]
 
@@ -94,6 +113,14 @@ class Attributes(Condition):
         if y.shape[1] != self.width:
             raise UserError(f"attributes of {y.shape[1]} columns do not fit this model's {self.width} ({', '.join(self.names)})")
         return y.float() * 2 - 1
+
+    @classmethod
+    def labels_from(cls, y, names):
+        """The attribute names."""
+        if y.dim() != 2 or len(names) != y.shape[1]:
+            raise UserError("model.condition=attributes needs data with named attribute columns, such as "
+                            "data=celeba data.target=all; for class labels use model.condition=label")
+        return list(names)
 
     def rows(self):
         """Each of the first ten attributes alone (the others absent)."""

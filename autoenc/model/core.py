@@ -103,8 +103,12 @@ class Autoencoder(nn.Module):
         training done (the bottleneck's warm-up and AuxK act only in training, where it is given);
         `generator`: the randomness of sampling and of estimated penalties; `y`: a conditional model's labels."""
         x_tilde = x if x_tilde is None else x_tilde
-        latent = self.encode(x_tilde, generator, y)
-        decode = partial(self.decode, y=y)
+        c = self.condition.vector(y, len(x))  # made once for the encoder and every decoding of this pass
+        latent = self.bottleneck(self.encoder(self.condition.join(x_tilde, c)), generator)
+
+        def decode(z: torch.Tensor) -> torch.Tensor:
+            return self.decoder(self.condition.join(z, c))
+
         logits = decode(latent.z)
         recon = self.likelihood.nll(logits, x).mean()
         extra, terms = self.bottleneck.terms(latent, Pass(x, logits, recon, decode, self.likelihood.nll, progress))

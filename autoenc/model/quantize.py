@@ -103,10 +103,9 @@ class VQ(Bottleneck):
         """Over a split: the share of codes used, the perplexity of their use, the share dead (unused in
         training for `dead_after` steps), and each code's share of the positions (code_frequency)."""
         usage = stats["usage"]
-        p = usage / usage.sum().clamp_min(1)
-        entropy = -(p * p.clamp_min(1e-30).log()).sum()
-        return {"codes_used": (usage > 0).float().mean(), "perplexity": entropy.exp(),
-                "dead_codes": (self.since_used >= self.dead_after).float().mean(), "code_frequency": p}
+        return {"codes_used": (usage > 0).float().mean(), "perplexity": perplexity(usage),
+                "dead_codes": (self.since_used >= self.dead_after).float().mean(),
+                "code_frequency": usage / usage.sum().clamp_min(1)}
 
     def terms(self, latent: Latent, pass_: Pass):
         rows = _rows(latent.h).float()
@@ -124,10 +123,8 @@ class VQ(Bottleneck):
             counts, dead = self._learn(rows.detach(), latent.indices.reshape(-1), counts)
         else:
             sum_over_ranks(counts)  # the global batch's use, as in training
-        p = counts / counts.sum().clamp_min(1)
-        entropy = -(p * p.clamp_min(1e-30).log()).sum()
         # the batch's figures; a split's (codes_used, perplexity, dead_codes) come from split_figures
-        figures |= {"batch_perplexity": entropy.exp(), "batch_codes_used": (counts > 0).float().mean()}
+        figures |= {"batch_perplexity": perplexity(counts), "batch_codes_used": (counts > 0).float().mean()}
         if self.training:
             figures["dead_codes"] = dead.float().mean()
         return term, figures
@@ -193,6 +190,12 @@ class VQ(Bottleneck):
         if len(self._pool) >= self.kmeans_batches:
             self.initialised.fill_(True)
             self._pool = []
+
+
+def perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """exp of the entropy of the codes' use: how many codes the use is spread over as evenly."""
+    p = counts / counts.sum().clamp_min(1)
+    return (-(p * p.clamp_min(1e-30).log()).sum()).exp()
 
 
 def _rows(h: torch.Tensor) -> torch.Tensor:

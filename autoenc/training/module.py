@@ -43,7 +43,8 @@ class AutoencoderModule(pl.LightningModule):
                  penalty: Penalty | None = None, optimizer=None, scheduler=None, lr_schedule=None,
                  iwae_samples: int = 0, iwae_chunk: int = 100, iwae_examples: int | None = None,
                  seed: int = 0, noise_seed: int = 1234,
-                 compile: bool = False, weight_penalty: float = 0.0, condition: str | None = None, labels=None):
+                 compile: bool = False, weight_penalty: float = 0.0, condition: str | None = None, labels=None,
+                 autoencoder: Autoencoder | None = None):
         super().__init__()
         require(is_integer(iwae_samples) and iwae_samples >= 0, "model.iwae_samples", iwae_samples, "an integer ≥ 0")
         require(is_integer(iwae_chunk) and iwae_chunk >= 1, "model.iwae_chunk", iwae_chunk, "a positive integer")
@@ -51,8 +52,9 @@ class AutoencoderModule(pl.LightningModule):
                 iwae_examples, "a positive integer, or null (all)")
         interval = (lr_schedule or {}).get("interval", "epoch")
         require(interval in ("step", "epoch"), "model.lr_schedule.interval", interval, "step or epoch")
-        self.autoencoder = Autoencoder(net, shape, latent_dim, bottleneck, likelihood, noise, penalty, weight_penalty,
-                                       Condition.named(condition, labels))
+        # `autoencoder`: one already built (a trained run's, for a test loop), which the other settings describe
+        self.autoencoder = autoencoder or Autoencoder(net, shape, latent_dim, bottleneck, likelihood, noise, penalty,
+                                                      weight_penalty, Condition.named(condition, labels))
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-3)
         lr = getattr(self.optimizer_factory, "keywords", {}).get("lr", 1e-3)
         require(not is_number(lr) or lr > 0, "model.optimizer.lr", lr, "a number > 0")
@@ -152,9 +154,6 @@ class AutoencoderModule(pl.LightningModule):
             for name, score in ae.bottleneck.scores(ae, x, self.iwae_samples, g, self.iwae_chunk, y).items():
                 self.log(f"test/{name}", score.mean(), batch_size=len(x), sync_dist=True)
 
-    def on_test_epoch_start(self):
-        self.iwae_scored = 0
-
     def _end_epoch(self, stage: str) -> None:
         if self.trainer.sanity_checking:
             self.statistics.reset()
@@ -181,6 +180,7 @@ class AutoencoderModule(pl.LightningModule):
 
     def on_test_epoch_start(self):
         self._restart("test")
+        self.iwae_scored = 0
 
     def on_validation_epoch_end(self):
         self._end_epoch("val")

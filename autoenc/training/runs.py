@@ -9,6 +9,7 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -110,9 +111,11 @@ def seams_of(cfg: DictConfig) -> dict:
     return {k: instantiate(cfg[k]) if cfg.get(k) else None for k in SEAMS}
 
 
-def lightning_module(cfg: DictConfig, shape):
-    """The LightningModule (autoenc.training.module) of a built config, for examples of `shape`."""
-    return instantiate(cfg.model, net=instantiate(cfg.net), shape=tuple(shape), **seams_of(cfg))
+def lightning_module(cfg: DictConfig, shape, autoencoder=None):
+    """The LightningModule (autoenc.training.module) of a built config, for examples of `shape`, around
+    `autoencoder` where one is given."""
+    built = {} if autoencoder is None else {"autoencoder": autoencoder}
+    return instantiate(cfg.model, net=instantiate(cfg.net), shape=tuple(shape), **seams_of(cfg), **built)
 
 
 def autoencoder(cfg: DictConfig, shape):
@@ -151,19 +154,11 @@ def resolved(cfg: DictConfig, datamodule) -> DictConfig:
 
 
 def labels_of(datamodule, condition: str):
-    """What a conditional model is conditioned on, from the training split: the number of classes (label) or
-    the attribute names (attributes)."""
-    y = datamodule.splits["train"][1]
-    names = list(getattr(datamodule, "attribute_names", []) or [])
-    if condition == "attributes":
-        if y.dim() != 2 or len(names) != y.shape[1]:
-            raise UserError("model.condition=attributes needs data with named attribute columns, such as "
-                            "data=celeba data.target=all; for class labels use model.condition=label")
-        return names
-    if y.dim() != 1 or int(y.min()) < 0:
-        raise UserError("model.condition=label needs a class label for every training example; this data "
-                        f"has {'attribute columns (use model.condition=attributes)' if y.dim() == 2 else 'none'}")
-    return int(y.max()) + 1
+    """What a conditional model is conditioned on (Condition.labels_from), from the training split."""
+    from autoenc.model.conditions import Condition
+
+    kind = Condition.kind(condition)  # an unknown name is refused before the data is read
+    return kind.labels_from(datamodule.splits["train"][1], list(getattr(datamodule, "attribute_names", []) or []))
 
 
 def instantiate(node, **kwargs):
@@ -284,14 +279,10 @@ class Run:
     def iwae_chunk(self) -> int:
         return int(self.cfg.model.get("iwae_chunk", 100))
 
-    @property
+    @cached_property
     def module(self):
-        if "_module" not in self.__dict__:
-            configure_lightning()
-            module = lightning_module(self.cfg, self.autoencoder.shape)
-            module.autoencoder = self.autoencoder
-            self.__dict__["_module"] = module.eval()
-        return self.__dict__["_module"]
+        configure_lightning()
+        return lightning_module(self.cfg, self.autoencoder.shape, self.autoencoder).eval()
 
 
 def device() -> str:
