@@ -184,3 +184,24 @@ def test_using_a_model_imports_no_lightning(run, tmp_path):
                             f"out={tmp_path / 'r.png'}"], capture_output=True, text=True, cwd=tmp_path)
     assert timed.returncode == 0, timed.stderr[-2000:]
     assert (tmp_path / "r.png").is_file() and " lightning" not in timed.stderr
+    assert " torchvision" not in timed.stderr  # (pictures are drawn without it)
+    bare = subprocess.run([sys.executable, "-c", "import sys, autoenc; print('torch' in sys.modules)"],
+                          capture_output=True, text=True, check=True)
+    assert bare.stdout.strip() == "False"
+
+
+def test_pictures_are_laid_out_and_rounded_as_torchvision_does(tmp_path):
+    """The grid and PNG writer that spare commands torchvision's import give torchvision's pixels."""
+    from PIL import Image
+    from torchvision.utils import make_grid as theirs, save_image
+
+    from autoenc.util.pictures import make_grid, save_png
+
+    g = torch.Generator().manual_seed(0)
+    for n, channels, nrow, padding, pad in ((7, 3, 3, 2, 1.0), (16, 1, 4, 0, 0.0), (1, 3, 8, 2, 1.0), (5, 3, 8, 1, 0.5)):
+        tiles = torch.rand(n, channels, 6, 5, generator=g)
+        assert torch.equal(make_grid(tiles, nrow, padding, pad), theirs(tiles, nrow=nrow, padding=padding, pad_value=pad))
+    picture = torch.rand(3, 9, 11, generator=g)
+    save_png(picture, tmp_path / "ours.png")
+    save_image(picture, tmp_path / "theirs.png")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "ours.png")), np.asarray(Image.open(tmp_path / "theirs.png")))

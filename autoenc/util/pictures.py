@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.utils import make_grid, save_image
 
 MIN_SIDE = 64  # tiles are upscaled (nearest) until an image is at least this many pixels high and wide
 
@@ -31,7 +31,6 @@ def picture(rows: list[torch.Tensor], labels: list[str] | None = None, frames: t
     if not labels and not title:
         return grid
     from PIL import Image, ImageDraw
-    from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
     font = _font()
     width = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength
@@ -39,14 +38,39 @@ def picture(rows: list[torch.Tensor], labels: list[str] | None = None, frames: t
     lines = _wrap(title, lambda t: width(t, font=font), grid.shape[2] + (margin if labels else 0) - 8) if title else []
     top = 4 + 18 * len(lines) if lines else 0
     canvas = Image.new("RGB", (grid.shape[2] + (margin if labels else 0), grid.shape[1] + top), "white")
-    canvas.paste(to_pil_image(grid), (margin if labels else 0, top))
+    canvas.paste(to_image(grid), (margin if labels else 0, top))
     draw = ImageDraw.Draw(canvas)
     for i, line in enumerate(lines):
         draw.text((4, 4 + 18 * i), line, fill="black", font=font)
     row_height = tiles.shape[-2] + 2
     for i, label in enumerate(labels or []):
         draw.text((4, top + 2 + i * row_height + row_height // 2 - 7), label, fill="black", font=font)
-    return pil_to_tensor(canvas).float() / 255
+    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).float() / 255
+
+
+def make_grid(tiles: torch.Tensor, nrow: int, padding: int = 2, pad_value: float = 0.0) -> torch.Tensor:
+    """Images (N, C, H, W) as one (3, H', W') grid of `nrow` a row, `padding` pixels of `pad_value` around
+    each, as torchvision.utils.make_grid lays it out: kept here because importing torchvision would
+    double the start-up of a command that draws a picture."""
+    if tiles.shape[1] == 1:
+        tiles = tiles.expand(-1, 3, -1, -1)
+    if len(tiles) == 1:
+        return tiles[0]
+    n, c, h, w = tiles.shape
+    cols, step_h, step_w = min(nrow, n), h + padding, w + padding
+    out = tiles.new_full((c, math.ceil(n / cols) * step_h + padding, cols * step_w + padding), pad_value)
+    for i, tile in enumerate(tiles):
+        top, left = i // cols * step_h + padding, i % cols * step_w + padding
+        out[:, top:top + h, left:left + w] = tile
+    return out
+
+
+def to_image(grid: torch.Tensor):
+    """A (3, H, W) picture in [0, 1] as an 8-bit PIL image, rounded as torchvision's save_image rounds."""
+    from PIL import Image
+
+    pixels = grid.detach().mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to("cpu", torch.uint8)
+    return Image.fromarray(pixels.numpy())
 
 
 def _wrap(text: str, width, limit: float) -> list[str]:
@@ -72,7 +96,7 @@ def _font():
 def save_png(grid: torch.Tensor, path: Path) -> Path:
     """Writes a picture as PNG and says so (with its size in pixels)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(grid, path)
+    to_image(grid).save(path)
     print(f"wrote {path} ({grid.shape[2]}×{grid.shape[1]} px)")
     return path
 
@@ -88,13 +112,13 @@ def publish(trainer, tag: str, grid: torch.Tensor, png: Path | None) -> None:
         writer.add_image(tag, grid, trainer.global_step)
     if png is not None and trainer.is_global_zero:
         png.parent.mkdir(parents=True, exist_ok=True)
-        save_image(grid, png)
+        to_image(grid).save(png)
 
 
 def fixed_examples(trainer, split: str, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """The first n examples of a split as model input on `device` (the same every epoch)."""
     x, y = trainer.datamodule.splits[split]
-    return trainer.datamodule.transform(x[:n]).to(device), y[:n]
+    return trainer.precision_plugin.convert_input(trainer.datamodule.transform(x[:n]).to(device)), y[:n]
 
 
 def square(x: torch.Tensor) -> list[torch.Tensor]:
