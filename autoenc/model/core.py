@@ -147,9 +147,9 @@ class Autoencoder(nn.Module):
     def sample(self, n: int, generator: torch.Generator | None = None, y=None) -> torch.Tensor:
         """n examples decoded from prior samples z ~ p(z) (a Stochastic bottleneck only), with labels y (one
         for all, or one each) for a conditional model."""
-        device = next(self.parameters()).device
+        first = next(self.parameters())
         prior = self.stochastic("no prior to sample from", "; try reconstruct or interpolate").prior_sample
-        return self.likelihood.mean(self.decode(prior(n, generator, device), y))
+        return self.likelihood.mean(self.decode(prior(n, generator, first.device).to(first.dtype), y))
 
     @torch.no_grad()
     def log_likelihood(self, x: torch.Tensor, k: int, generator: torch.Generator | None = None,
@@ -158,12 +158,14 @@ class Autoencoder(nn.Module):
         samples (Burda et al. 2015, eq. 8), decoding `chunk` samples at a time."""
         bottleneck = self.stochastic("no posterior and prior, so no likelihood bound (log_likelihood, IWAE)")
         c = self.condition.vector(y, len(x))
-        h = self.encoder(self.condition.join(x, c)).float()  # float32 even under bf16 autocast
+        wide = torch.promote_types(x.dtype, torch.float32)  # the bound in float32 at least, under any precision
+        h = self.encoder(self.condition.join(x, c)).to(wide)
         parts = []
         for start in range(0, k, chunk):
             n = min(chunk, k - start)
             z, log_w = bottleneck.importance_samples(h, n, generator)  # (n, B, d), log p(z) − log q(z|x)
-            logits = self.decoder(self.condition.join(z.flatten(0, 1), None if c is None else c.repeat(n, 1))).float()
+            z = z.flatten(0, 1).to(x.dtype)  # the decoder's input in the precision's dtype
+            logits = self.decoder(self.condition.join(z, None if c is None else c.repeat(n, 1))).to(wide)
             log_px = -self.likelihood.nll(logits, x.repeat(n, *[1] * (x.dim() - 1))).view(n, -1)
             parts.append(log_px + log_w)
         return torch.logsumexp(torch.cat(parts), 0) - math.log(k)

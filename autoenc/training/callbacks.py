@@ -12,12 +12,12 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.profilers import PassThroughProfiler
-from torchvision.utils import make_grid
 
 from autoenc.model.bottlenecks import Stochastic
 from autoenc.util.errors import Interrupt, UserError
 from autoenc.util.slurm import requeue, slurm_job
-from autoenc.util.pictures import code_usage, decoder_features, fixed_examples, image_loggers, picture, publish, square
+from autoenc.util.pictures import (code_usage, decoder_features, fixed_examples, image_loggers, make_grid, picture,
+                                   publish, square)
 
 
 class ProgressBar(TQDMProgressBar):
@@ -293,8 +293,10 @@ class SafetyNet(Callback):
         if not finite.all():
             first = int(finite.int().argmin())  # the first non-finite step since the last check
             kept = f"the last good checkpoint is kept: {self.last}" if self.last.is_file() else "no checkpoint was saved yet"
+            hint = ("trainer.precision=16-true trains in float16 without loss scaling; use bf16-mixed or bf16-true"
+                    if str(trainer.precision) == "16-true" else "lower model.optimizer.lr or check the data")
             raise UserError(f"the training loss became {losses[first].item()} at step {steps[first]} (epoch "
-                            f"{trainer.current_epoch}); lower model.optimizer.lr or check the data; {kept}")
+                            f"{trainer.current_epoch}); {hint}; {kept}")
 
 
 class StoredConfig(Callback):

@@ -49,7 +49,9 @@ class LightningData(pl.LightningDataModule):
         return self.data.test_dataloader()
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
-        return self.data.on_after_batch_transfer(batch, dataloader_idx)
+        batch = self.data.on_after_batch_transfer(batch, dataloader_idx)
+        # in the precision's dtype (a `-true` one's): Lightning converts batches before this hook makes them float
+        return batch if self.trainer is None else self.trainer.precision_plugin.convert_input(batch)
 
     def state_dict(self) -> dict:
         return self.data.state_dict()

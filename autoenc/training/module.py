@@ -35,6 +35,31 @@ def epoch_means(steps: list) -> dict[str, torch.Tensor]:
     return {k: sums[k] / counts[k] for k in sums}
 
 
+def compile_forwards(parts, setting: str) -> None:
+    """torch.compile of each part's forward, in place (parameter names, so checkpoints, stay those of the plain
+    modules); where compiling fails, every part runs eager from then on, with one warning."""
+    failed = []
+
+    def compiled(forward):
+        fast = torch.compile(forward)
+
+        def call(*args, **kwargs):
+            if not failed:
+                try:
+                    return fast(*args, **kwargs)
+                except Exception as e:  # an error of the model itself is raised again by the eager call below
+                    failed.append(e)
+                    e = getattr(e, "inner_exception", None) or e  # what the backend raised
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                    log.warning(f"{setting}: torch.compile failed ({type(e).__name__}: {first}); training goes on eager")
+            return forward(*args, **kwargs)
+
+        return call
+
+    for part in parts:
+        part.forward = compiled(part.forward)
+
+
 class AutoencoderModule(pl.LightningModule):
     """The Lightning shell around an Autoencoder (autoenc.model.core): the steps and their randomness, logging,
     whole-split figures, optimizers and schedules; the pipeline and its loss live in the Autoencoder."""
@@ -43,11 +68,14 @@ class AutoencoderModule(pl.LightningModule):
                  penalty: Penalty | None = None, optimizer=None, scheduler=None, lr_schedule=None,
                  iwae_samples: int = 0, iwae_chunk: int = 100, iwae_examples: int | None = None,
                  seed: int = 0, noise_seed: int = 1234,
-                 compile: bool = False, weight_penalty: float = 0.0, condition: str | None = None, labels=None,
+                 compile: str | None = None, weight_penalty: float = 0.0, condition: str | None = None, labels=None,
                  autoencoder: Autoencoder | None = None):
         super().__init__()
         require(is_integer(iwae_samples) and iwae_samples >= 0, "model.iwae_samples", iwae_samples, "an integer ≥ 0")
         require(is_integer(iwae_chunk) and iwae_chunk >= 1, "model.iwae_chunk", iwae_chunk, "a positive integer")
+        compile = {False: None, True: "nets"}.get(compile, compile)  # (the former switch)
+        require(compile in (None, "nets", "loss"), "model.compile", compile,
+                "null (eager), nets (the encoder and decoder) or loss (the whole loss computation)")
         require(iwae_examples is None or (is_integer(iwae_examples) and iwae_examples >= 1), "eval.iwae_examples",
                 iwae_examples, "a positive integer, or null (all)")
         interval = (lr_schedule or {}).get("interval", "epoch")
@@ -67,9 +95,8 @@ class AutoencoderModule(pl.LightningModule):
         self.statistics = SplitStatistics()
         self.epoch_figures: dict[str, torch.Tensor] = {}
         self._train_steps: list = []  # (term names, their values, batch size) of each step of the epoch
-        if compile:  # in place, so parameter names (and checkpoints) stay those of the plain modules
-            self.autoencoder.encoder.compile()
-            self.autoencoder.decoder.compile()
+        ae = self.autoencoder
+        compile_forwards({"nets": (ae.encoder, ae.decoder), "loss": (ae,)}.get(compile, ()), f"model.compile={compile}")
 
     def forward(self, x: torch.Tensor, y=None) -> torch.Tensor:
         """Reconstruction from the deterministic code (the posterior mean where there is one)."""
