@@ -11,7 +11,7 @@ import torch
 
 from autoenc.data.sources import CelebA
 from autoenc.util.errors import UserError
-from conftest import train_here
+from conftest import compose, train_here
 
 NAMES = ("5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair "
          "Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee Gray_Hair Heavy_Makeup "
@@ -125,7 +125,9 @@ def test_the_face_recipes_train_on_celeba(celeba, tmp_path, recipe):
     root, _, _ = celeba
     results = train_here(tmp_path / "run", f"experiment={recipe}", f"data.root={root}", "data.size=16",
                          "data.batch_size=8", "trainer.max_epochs=1", "trainer.limit_train_batches=1",
-                         "trainer.limit_val_batches=1", "trainer.limit_test_batches=1")
+                         "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+                         "model.compile=null")  # (compiling is tested apart: here it would cost a minute a run)
     cfg = __import__("omegaconf").OmegaConf.load(tmp_path / "run" / "config.yaml")
     assert cfg.model.latent_dim == 128 and cfg.data.crop == 148 and cfg.data.augment.flip == 0.5
+    assert compose(f"experiment={recipe}").model.compile == ("loss" if recipe == "vae_celeba64" else None)
     assert np.isfinite(results["test/loss"])

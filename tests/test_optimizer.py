@@ -111,3 +111,15 @@ def test_a_true_precision_trains_tests_and_samples(tmp_path):
     assert torch.isfinite(torch.tensor(figures["test/nll_iwae"]))
     cli("sample", f"ckpt={tmp_path / 'run'}", "n=4", f"out={tmp_path / 's.png'}")
     assert (tmp_path / "s.png").is_file()
+
+
+def test_float16_weights_that_overflow_name_the_precision(tmp_path):
+    """16-true has no loss scaling: where the loss stops being finite, the line names the precision, not the
+    learning rate."""
+    from autoenc.util.errors import UserError
+
+    with pytest.raises(UserError) as refused:
+        train_here(tmp_path / "run", "trainer.precision=16-true", "trainer.max_epochs=1")
+    assert str(refused.value).startswith("the training loss became nan at step ")
+    assert "; trainer.precision=16-true trains in float16 without loss scaling; use bf16-mixed or bf16-true; " \
+           "no checkpoint was saved yet" in str(refused.value)
