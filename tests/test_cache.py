@@ -148,6 +148,8 @@ def test_augmentation_flips_and_crops_as_drawn_from_its_seed():
 
 
 def test_augmentation_is_applied_to_training_batches_only(tmp_path):
+    from lightning.pytorch.plugins.precision import Precision
+
     from conftest import compose
     from autoenc.training.runs import build
 
@@ -160,6 +162,7 @@ def test_augmentation_is_applied_to_training_batches_only(tmp_path):
 
     class Trainer:
         training, global_rank, fit_loop = True, 0, Loop()
+        precision_plugin = Precision()  # 32-true's: batches left as they are
 
     datamodule.trainer = Trainer()
     assert torch.equal(datamodule.on_after_batch_transfer((x, None))[0], x.flip(-1))
