@@ -79,17 +79,25 @@ VARIANTS = {
 COUNTED = 5  # steps after the timed ones whose Python calls are counted
 
 
+ORIGINS = ("lightning", "autoenc", "torch", "other", "C")  # where a counted call's code lives
+
+
 class CallCounter:
-    """Python and C function calls made between start() and stop() (sys.setprofile): a per-step cost that
-    timing noise cannot blur."""
+    """Python and C function calls made between start() and stop() (sys.setprofile), in all and by where the
+    called code lives (ORIGINS): a per-step cost that timing noise cannot blur."""
 
     def start(self) -> None:
-        self.n = 0
+        self.n, self.by_origin = 0, dict.fromkeys(ORIGINS, 0)
         sys.setprofile(self._count)
 
     def _count(self, frame, event, arg) -> None:
-        if event == "call" or event == "c_call":
+        if event == "c_call":
             self.n += 1
+            self.by_origin["C"] += 1
+        elif event == "call":
+            self.n += 1
+            file = frame.f_code.co_filename
+            self.by_origin[next((o for o in ORIGINS[:3] if f"/{o}" in file), "other")] += 1
 
     def stop(self) -> int:
         sys.setprofile(None)
@@ -255,6 +263,7 @@ def alternate(args, plain, totals: dict, path: str):
                 calls = counter.stop()
                 if not self.validated:
                     totals.setdefault(f"calls_{path}", []).append(calls)
+                    totals.setdefault(f"origins_{path}", []).append(counter.by_origin)
                 self.validated = False
                 if step < timed + COUNTED:
                     counter.start()
@@ -366,6 +375,8 @@ def run_family(args, family: str) -> dict:
         row[path]["blocks"] = len(blocks)
         calls = totals.get(f"calls_{path}")  # absent if every counted step held a validation
         row[path]["calls_per_step"] = statistics.median(calls) if calls else None
+        origins = totals.get(f"origins_{path}")
+        row[path]["calls_by_origin"] = {o: statistics.median(c[o] for c in origins) for o in ORIGINS} if origins else None
     row["plain"] = {"samples_per_s": row["autoenc"]["plain_samples_per_s"],
                     "samples_per_s_floor_phase": row["floor"]["plain_samples_per_s"],
                     "startup_s": totals["plain_startup_autoenc"], "calls_per_step": totals["plain_calls_autoenc"]}
@@ -459,7 +470,16 @@ def format_row(family: str, row: dict) -> str:
             f"|  Lightning floor ratio {f['ratio']:.3f} (plain beside it {row['plain']['samples_per_s_floor_phase']:.0f}/s) "
             f"overhead {f['overhead_us']:6.0f} µs (median "
             f"{f['overhead_us_median']:5.0f})  |  Python calls per step: plain {row['plain']['calls_per_step']:.0f}, "
-            f"floor {f['calls_per_step'] or 0:.0f}, autoenc {a['calls_per_step'] or 0:.0f}  |  peak_rss_mb {row['peak_rss_mb']:5.0f}")
+            f"floor {f['calls_per_step'] or 0:.0f}, autoenc {a['calls_per_step'] or 0:.0f}{origins(f, a)}  |  "
+            f"peak_rss_mb {row['peak_rss_mb']:5.0f}")
+
+
+def origins(floor: dict, autoenc: dict) -> str:
+    """The counted calls of a step by where their code lives, floor → autoenc."""
+    if not floor.get("calls_by_origin") or not autoenc.get("calls_by_origin"):
+        return ""
+    return " (" + ", ".join(f"{o} {floor['calls_by_origin'][o]:.0f} → {autoenc['calls_by_origin'][o]:.0f}"
+                            for o in ORIGINS) + ")"
 
 
 if __name__ == "__main__":

@@ -36,6 +36,11 @@ def test_benchmark_measures_each_path_and_finds_a_known_per_step_cost(tmp_path):
         assert row["autoenc"]["startup_s"] > 0 and row["plain"]["startup_s"] > 0
         # counted calls: Lightning's loop adds to the plain loop's, autoenc's callbacks to Lightning's
         assert 0 < row["plain"]["calls_per_step"] < row["floor"]["calls_per_step"] < row["autoenc"]["calls_per_step"], family
+        # by where the code lives: the floor's loop calls no autoenc code but its model's; autoenc's adds callbacks
+        for path in ("floor", "autoenc"):
+            assert sum(row[path]["calls_by_origin"].values()) == row[path]["calls_per_step"], (family, path)
+        assert row["floor"]["calls_by_origin"]["lightning"] > 0
+        assert row["autoenc"]["calls_by_origin"]["autoenc"] > row["floor"]["calls_by_origin"]["autoenc"] > 0
         assert row["autoenc"]["overhead_us_median"] > 40_000 > row["floor"]["overhead_us_median"], family
         assert f"{family} " in proc.stdout  # one printed line per family
     assert 0 < result["process_to_first_step_s"] < 600
