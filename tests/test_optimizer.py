@@ -99,18 +99,40 @@ def test_an_unknown_compile_setting_is_refused_in_one_line():
         build(compose("model.compile=fast"))
 
 
-def test_a_true_precision_trains_tests_and_samples(tmp_path):
+@pytest.mark.parametrize("overrides, pictures", [
+    (["model=vae"], ["samples.png"]), (["model=vae", "model.condition=label"], ["samples.png"]),
+    (["model=vae", "model.latent_dim=2"], ["manifold.png", "latent_scatter.png"]), (["model=sparse"], ["features.png"])],
+    ids=["vae", "conditional", "2d", "sparse"])
+def test_a_true_precision_trains_tests_and_draws(tmp_path, overrides, pictures):
     """bf16-true keeps the weights (and so the fused optimizer's state) in bfloat16: batches made float after
-    Lightning's conversion, prior samples and the IWAE bound follow the precision's dtype."""
+    Lightning's conversion, prior samples, the pictures' codes and the IWAE bound follow the precision's dtype."""
     from conftest import autoenc as cli
 
-    figures = train_here(tmp_path / "run", "model=vae", "trainer.precision=bf16-true", "trainer.max_epochs=1")
+    figures = train_here(tmp_path / "run", *overrides, "trainer.precision=bf16-true", "trainer.max_epochs=1")
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert {v.dtype for k, v in ckpt["state_dict"].items() if v.is_floating_point()} == {torch.bfloat16}
     assert ckpt["optimizer_states"][0]["param_groups"][0]["fused"] is True
-    assert torch.isfinite(torch.tensor(figures["test/nll_iwae"]))
-    cli("sample", f"ckpt={tmp_path / 'run'}", "n=4", f"out={tmp_path / 's.png'}")
-    assert (tmp_path / "s.png").is_file()
+    assert torch.isfinite(torch.tensor(figures["test/loss"]))
+    assert all((tmp_path / "run" / name).is_file() for name in pictures), sorted(p.name for p in (tmp_path / "run").iterdir())
+    if overrides == ["model=vae"]:
+        assert torch.isfinite(torch.tensor(figures["test/nll_iwae"]))
+        cli("sample", f"ckpt={tmp_path / 'run'}", "n=4", f"out={tmp_path / 's.png'}")
+        assert (tmp_path / "s.png").is_file()
+
+
+def test_a_compiled_module_copies_and_pickles_as_an_eager_one():
+    """model.compile goes through nn.Module.compile: a deep copy runs its own weights, and the module pickles."""
+    import copy
+    import pickle
+
+    _, module, _ = build(compose("model.compile=nets"))
+    twin = copy.deepcopy(module)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.zero_()
+    x = torch.rand(2, *module.autoencoder.shape)
+    assert not torch.equal(twin.autoencoder.encoder(x), module.autoencoder.encoder(x))
+    assert torch.equal(pickle.loads(pickle.dumps(module)).autoencoder.encoder(x), module.autoencoder.encoder(x))
 
 
 def test_float16_weights_that_overflow_name_the_precision(tmp_path):

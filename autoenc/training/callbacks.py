@@ -145,7 +145,7 @@ class Pictures(Callback):
             given = ae.condition.rows()
             if given:  # a conditional model: a row of samples per label (the same prior draws in each row)
                 n = max(1, self.samples // len(given))
-                z = ae.bottleneck.prior_sample(n, g, pl_module.device)
+                z = ae.bottleneck.prior_sample(n, g, pl_module.device).to(pl_module.dtype)
                 rows = [ae.likelihood.mean(ae.decode(z, y)) for _, y in given]
                 publish(trainer, "val/samples", picture(rows, [name for name, _ in given]), self.dir / "samples.png")
             else:
@@ -154,7 +154,7 @@ class Pictures(Callback):
         if self.manifold and ae.code_shape == (2,):
             # Points at evenly spaced quantiles of N(0, 1), as in Kingma & Welling (2014), fig. 4.
             q = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, self.manifold))
-            zz = torch.cartesian_prod(q.flip(0), q)[:, [1, 0]].to(pl_module.device)
+            zz = torch.cartesian_prod(q.flip(0), q)[:, [1, 0]].to(pl_module.device, pl_module.dtype)
             x = ae.likelihood.mean(ae.decode(zz))
             publish(trainer, "val/latent_manifold", make_grid(x.cpu(), nrow=self.manifold, padding=0),
                     self.dir / "manifold.png")
@@ -187,7 +187,7 @@ class Pictures(Callback):
         import matplotlib.pyplot as plt
 
         x, y = fixed_examples(trainer, "test", self.scatter_examples, pl_module.device)
-        z = pl_module.autoencoder.encode(x).code.cpu()
+        z = pl_module.autoencoder.encode(x).code.float().cpu()
         fig, ax = plt.subplots(figsize=(6, 6))
         points = ax.scatter(z[:, 0], z[:, 1], c=y.cpu(), cmap="tab10", s=4)
         fig.colorbar(points, ax=ax, label="label")

@@ -36,28 +36,31 @@ def epoch_means(steps: list) -> dict[str, torch.Tensor]:
 
 
 def compile_forwards(parts, setting: str) -> None:
-    """torch.compile of each part's forward, in place (parameter names, so checkpoints, stay those of the plain
-    modules); where compiling fails, every part runs eager from then on, with one warning."""
-    failed = []
+    """torch.compile of each part (nn.Module.compile: parameter names, so checkpoints, stay those of the plain
+    modules, and a copy or a pickle runs eager); where compiling a forward fails, every part runs eager from
+    then on, with one warning."""
+    from torch._dynamo.exc import TorchDynamoException
 
-    def compiled(forward):
-        fast = torch.compile(forward)
-
+    def falling_back(fast):
         def call(*args, **kwargs):
-            if not failed:
-                try:
-                    return fast(*args, **kwargs)
-                except Exception as e:  # an error of the model itself is raised again by the eager call below
-                    failed.append(e)
-                    e = getattr(e, "inner_exception", None) or e  # what the backend raised
-                    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                    log.warning(f"{setting}: torch.compile failed ({type(e).__name__}: {first}); training goes on eager")
-            return forward(*args, **kwargs)
+            try:
+                return fast(*args, **kwargs)
+            except TorchDynamoException as e:  # an error of the model itself is raised again by the eager call
+                if parts[0]._compiled_call_impl is not None:
+                    inner = getattr(e, "inner_exception", None) or e  # what the backend raised
+                    first = str(inner).strip().splitlines()[0] if str(inner).strip() else ""
+                    log.warning(f"{setting}: torch.compile failed ({type(inner).__name__}: {first}); "
+                                "training goes on eager")
+                for part in parts:
+                    part._compiled_call_impl = None
+                return call.eager(*args, **kwargs)
 
         return call
 
     for part in parts:
-        part.forward = compiled(part.forward)
+        part.compile()
+        part._compiled_call_impl = falling_back(part._compiled_call_impl)
+        part._compiled_call_impl.eager = part._call_impl
 
 
 class AutoencoderModule(pl.LightningModule):
@@ -96,7 +99,8 @@ class AutoencoderModule(pl.LightningModule):
         self.epoch_figures: dict[str, torch.Tensor] = {}
         self._train_steps: list = []  # (term names, their values, batch size) of each step of the epoch
         ae = self.autoencoder
-        compile_forwards({"nets": (ae.encoder, ae.decoder), "loss": (ae,)}.get(compile, ()), f"model.compile={compile}")
+        if autoencoder is None and compile:  # (a trained run's autoencoder is given for a test loop: left eager)
+            compile_forwards({"nets": [ae.encoder, ae.decoder], "loss": [ae]}[compile], f"model.compile={compile}")
 
     def forward(self, x: torch.Tensor, y=None) -> torch.Tensor:
         """Reconstruction from the deterministic code (the posterior mean where there is one)."""
