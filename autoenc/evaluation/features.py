@@ -85,7 +85,7 @@ def train_classifier(x_train, y_train, transform, epochs: int = 3, batch_size: i
         order, total, right = torch.randperm(len(y_train), generator=g), 0.0, 0
         for start in range(0, len(order), batch_size):
             i = order[start:start + batch_size]
-            x, y = transform(_rows(x_train, i)).cpu(), y_train[i]
+            x, y = transform(x_train[i]).cpu(), y_train[i]
             logits = net(x)
             loss = nn.functional.cross_entropy(logits, y)
             opt.zero_grad()
@@ -101,11 +101,6 @@ def train_classifier(x_train, y_train, transform, epochs: int = 3, batch_size: i
     if x_test is not None and y_test is not None:
         figures["test_accuracy"] = accuracy(net, x_test, y_test, transform, batch_size)
     return net, figures
-
-
-def _rows(x, i: torch.Tensor) -> torch.Tensor:
-    """Examples i of a stored split: a tensor (on its device) or Rows (read from the file)."""
-    return x[i.to(x.device)] if isinstance(x, torch.Tensor) else x[i]
 
 
 def accuracy(net: SmallCNN, x, y, transform, batch_size: int = 512) -> float:

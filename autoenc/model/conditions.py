@@ -127,7 +127,7 @@ class Attributes(Condition):
         return [(name, self.of([name])) for name in self.names[:10]]
 
     def of(self, chosen):
-        chosen = [chosen] if isinstance(chosen, str) else list(chosen) if isinstance(chosen, (list, tuple)) else [chosen]
+        chosen = list(chosen) if isinstance(chosen, (list, tuple)) else [chosen]
         unknown = [a for a in chosen if a not in self.names]
         if unknown:
             raise UserError(f"attributes={unknown} are not this model's; choose from {', '.join(self.names)}")

@@ -90,7 +90,11 @@ class Autoencoder(nn.Module):
         return self.bottleneck(self.encoder(self.condition.join(x, self.condition.vector(y, len(x)))), generator)
 
     def decode(self, z: torch.Tensor, y=None) -> torch.Tensor:
-        """Logits of codes z (given labels y, for a conditional model); the likelihood owns the output activation."""
+        """Logits of codes z (given labels y, for a conditional model); the likelihood owns the output activation.
+        z is taken in the weights' type: codes made outside a step (prior samples, a grid, unit vectors) are
+        float32 where a `-true` precision keeps the weights in another."""
+        weight = next(self.decoder.parameters(), None)
+        z = z if weight is None else z.to(weight.dtype)
         return self.decoder(self.condition.join(z, self.condition.vector(y, len(z))))
 
     def reconstruct(self, x: torch.Tensor, y=None) -> torch.Tensor:
@@ -147,9 +151,9 @@ class Autoencoder(nn.Module):
     def sample(self, n: int, generator: torch.Generator | None = None, y=None) -> torch.Tensor:
         """n examples decoded from prior samples z ~ p(z) (a Stochastic bottleneck only), with labels y (one
         for all, or one each) for a conditional model."""
-        first = next(self.parameters())
+        device = next(self.parameters()).device
         prior = self.stochastic("no prior to sample from", "; try reconstruct or interpolate").prior_sample
-        return self.likelihood.mean(self.decode(prior(n, generator, first.device).to(first.dtype), y))
+        return self.likelihood.mean(self.decode(prior(n, generator, device), y))
 
     @torch.no_grad()
     def log_likelihood(self, x: torch.Tensor, k: int, generator: torch.Generator | None = None,

@@ -145,7 +145,7 @@ class Pictures(Callback):
             given = ae.condition.rows()
             if given:  # a conditional model: a row of samples per label (the same prior draws in each row)
                 n = max(1, self.samples // len(given))
-                z = ae.bottleneck.prior_sample(n, g, pl_module.device).to(pl_module.dtype)
+                z = ae.bottleneck.prior_sample(n, g, pl_module.device)
                 rows = [ae.likelihood.mean(ae.decode(z, y)) for _, y in given]
                 publish(trainer, "val/samples", picture(rows, [name for name, _ in given]), self.dir / "samples.png")
             else:
@@ -154,8 +154,8 @@ class Pictures(Callback):
         if self.manifold and ae.code_shape == (2,):
             # Points at evenly spaced quantiles of N(0, 1), as in Kingma & Welling (2014), fig. 4.
             q = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, self.manifold))
-            zz = torch.cartesian_prod(q.flip(0), q)[:, [1, 0]].to(pl_module.device, pl_module.dtype)
-            x = ae.likelihood.mean(ae.decode(zz))
+            zz = torch.cartesian_prod(q.flip(0), q)[:, [1, 0]].to(pl_module.device)
+            x = ae.likelihood.mean(ae.decode(zz)).float()  # (TensorBoard reads no bfloat16)
             publish(trainer, "val/latent_manifold", make_grid(x.cpu(), nrow=self.manifold, padding=0),
                     self.dir / "manifold.png")
 

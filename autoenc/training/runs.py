@@ -92,7 +92,10 @@ def restore(model, ckpt: dict, path) -> None:
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:
-        raise UserError(f"{path} is from a different model than this config builds ({str(e).splitlines()[0]}); "
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0]  # the first says only "Error(s) in loading state_dict"
+        detail = detail if len(detail) <= 240 else detail[:239] + "…"
+        raise UserError(f"{path} is from a different model than this config builds ({detail}); "
                         "use the model/net/data settings of the run that wrote it") from None
 
 

@@ -144,8 +144,8 @@ def decoder_features(ae, frequency: torch.Tensor) -> torch.Tensor:
     (at 1) minus its output at 0, all tiles on one shared grey scale (so a unit that does little looks
     flat); units that never fired on the validation set framed in red."""
     order = frequency.argsort(descending=True, stable=True)
-    first = next(ae.parameters())
-    eye = torch.eye(ae.latent_dim, device=first.device, dtype=first.dtype)[order.to(first.device)]
+    device = next(ae.parameters()).device
+    eye = torch.eye(ae.latent_dim, device=device)[order.to(device)]
     base = ae.likelihood.mean(ae.decode(torch.zeros_like(eye[:1])))
     tiles = ae.likelihood.mean(ae.decode(eye)) - base
     span = tiles.abs().max().clamp_min(1e-8)
